@@ -1,0 +1,133 @@
+"""crosstvr command line: a thin layer that parses options into a config and calls a plain function."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.errors import UserError
+
+
+_CHATTY = tuple(str(Path(m.__file__).parent) for m in (__import__("open_clip"), __import__("huggingface_hub")))
+
+
+def _friendly(fn):
+    """Turn a UserError into one line on stderr and exit status 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """crosstvr: cached frozen-CLIP features and a CrossTVR reranker for text-video retrieval."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if not verbose:  # open_clip and the hub log download chatter whose gist our own one-line messages carry
+        handler.addFilter(lambda r: not r.pathname.startswith(_CHATTY) or r.levelno >= logging.CRITICAL)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+def _resolve_cache(cache: Path | None) -> Path:
+    """--cache, else the most recently written cache under cache/."""
+    from pipeline.extract import CACHE_ROOT
+
+    if cache is not None:
+        return cache
+    found = sorted(CACHE_ROOT.glob("*/*.zarr"), key=lambda p: (p / "zarr.json").stat().st_mtime if (p / "zarr.json").exists() else 0)
+    if not found:
+        raise UserError(f"no cache under {CACHE_ROOT}/; run `python cli.py extract` first or pass --cache DIR")
+    if len(found) > 1:
+        click.echo(f"using the most recent cache {found[-1]} (pass --cache to choose)", err=True)
+    return found[-1]
+
+
+@main.command()
+@click.option("--dataset", default="synthetic", show_default=True, help="msvd, msrvtt, manifest or synthetic.")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Annotations and videos [default: data/<dataset>].")
+@click.option("--cache", type=click.Path(path_type=Path), help="Cache folder [default: cache/<dataset>/<model>.zarr].")
+@click.option("--model", default=None, help="open_clip model name [default: the shipped CrossTVR-Tiny].")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or a local checkpoint path.")
+@click.option("--frames", default=12, show_default=True, help="Frames sampled uniformly per video.")
+@click.option("--patch-layer", default=-1, show_default=True, help="Visual block whose patch tokens are stored.")
+@click.option("--max-text-tokens", default=32, show_default=True, help="Text tokens kept per caption.")
+@click.option("--batch-videos", default=8, show_default=True, help="Videos encoded per batch.")
+@click.option("--workers", default=4, show_default=True, help="Decoder threads running ahead of the encoder.")
+@click.option("--shard", default=None, help="I/N: process a disjoint slice [default: RANK/WORLD_SIZE under torchrun].")
+@click.option("--overwrite", is_flag=True, help="Delete an existing cache and rebuild it.")
+@click.option("--strict", is_flag=True, help="Exit non-zero when a video could not be decoded.")
+@_friendly
+def extract(dataset, data_root, cache, model, pretrained, frames, patch_layer, max_text_tokens, batch_videos, workers,
+            shard, overwrite, strict) -> None:
+    """Stage one: decode each video once, run the frozen encoder once, store features in a Zarr cache."""
+    from pipeline.encoder import DEFAULT_MODEL
+    from pipeline.extract import ExtractConfig, run_extract
+
+    cfg = ExtractConfig(dataset=dataset, data_root=data_root, cache=cache, model=model or DEFAULT_MODEL,
+                        pretrained=pretrained, frames=frames, patch_layer=patch_layer, max_text_tokens=max_text_tokens,
+                        batch_videos=batch_videos, workers=workers, shard=shard, overwrite=overwrite)
+    summary = run_extract(cfg)
+    click.echo(f"cache {summary.cache}: {summary.videos_done}/{summary.videos_total} videos done, {summary.texts} captions")
+    if summary.failed:
+        click.echo(f"{len(summary.failed)} video(s) could not be decoded:")
+        for f in summary.failed:
+            click.echo(f"  {f['video']}: {f['reason']}")
+        if strict:
+            sys.exit(1)
+
+
+@main.command()
+@click.option("--cache", type=click.Path(path_type=Path), help="Cache folder [default: the most recent one].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly
+def info(cache, as_json) -> None:
+    """Videos done/total, captions, shapes, model, splits, failures and size of a cache."""
+    from pipeline.cache import FeatureCache
+
+    facts = FeatureCache(_resolve_cache(cache)).describe()
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    click.echo(f"cache        {facts['cache']} ({facts['bytes'] / 2**20:.1f} MiB)")
+    click.echo(f"dataset      {facts['dataset']}")
+    click.echo(f"model        {facts['model']}  weights: {facts['pretrained'] or 'RANDOM (no --pretrained)'}")
+    click.echo(f"frames       {facts['frames']} at {facts['image_size']} px, patch tokens of block {facts['patch_layer']}")
+    click.echo(f"videos       {facts['videos_done']}/{facts['videos_total']} done, {len(facts['failed'])} failed")
+    click.echo(f"captions     {facts['texts']} ({facts['text_chunks_done']}/{facts['text_chunks_total']} chunks done, "
+               f"{facts['texts_truncated']} truncated)")
+    for name, counts in facts["splits"].items():
+        click.echo(f"split {name:<6} {counts['videos']} videos, {counts['texts']} captions")
+    for name, a in facts["arrays"].items():
+        click.echo(f"array {name:<13} {a['shape']} {a['dtype']}")
+    for f in facts["failed"]:
+        click.echo(f"failed       {f['video']}: {f['reason']}")
+
+
+@main.command("export-h5")
+@click.option("--cache", type=click.Path(path_type=Path), help="Cache folder [default: the most recent one].")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="HDF5 file to write.")
+@_friendly
+def export_h5_cmd(cache, out) -> None:
+    """Write the cache's arrays into one HDF5 file."""
+    from pipeline.cache import FeatureCache
+    from pipeline.export import export_h5
+
+    path = export_h5(FeatureCache(_resolve_cache(cache)), out)
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""The Zarr feature cache: its schema (array names, shapes, dtypes, metadata) and the one reader/writer.
+
+Layout of one group (one per dataset and model), V videos, N captions:
+
+    video_ids [V] str, video_paths [V] str, video_split [V] str
+    video_status [V] int8 (0 pending, 1 done, 2 failed), video_error [V] str   one chunk per video
+    patch_tokens [V, T, P, W] f16    per-frame patch tokens of the chosen ViT block (no class token)
+    cls_tokens   [V, T, W] f16       the class token of that block
+    frame_embeds [V, T, E] f16       per-frame embeddings in the joint space (encode_image)
+    frame_mask   [V, T] bool         False where a short video had no frame to fill the slot
+    captions [N] str, text_video [N] int32 (caption -> video index)
+    text_tokens [N, L, W_text] f16, text_lengths [N] int16, text_embeds [N, E] f16
+    text_chunk_status [ceil(N / TEXT_CHUNK)] int8   one flag per caption chunk
+
+Per-video arrays are chunked one video per chunk, so shard processes never write the same chunk;
+caption chunks are likewise owned by one shard each. A video (or caption chunk) is marked done only
+after its data chunks are durable on disk, and every chunk is written atomically (temp file, fsync,
+rename), so a run killed at any moment leaves nothing half-written that reads as done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import zarr
+from zarr.storage import LocalStore
+
+from pipeline import __version__
+from pipeline.errors import UserError
+from pipeline.records import VideoRecord
+
+SCHEMA_VERSION = 1
+PENDING, DONE, FAILED = 0, 1, 2
+TEXT_CHUNK = 256
+# Chosen by measurement (bench/cache_io.py, docs/benchmarks.md): fp16 features barely compress.
+COMPRESSORS = {
+    "none": None,
+    "zstd": zarr.codecs.ZstdCodec(level=1),
+    "blosc-zstd": zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2),
+    "blosc-lz4": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=2),
+}
+DEFAULT_COMPRESSION = "blosc-lz4"
+
+# Cache metadata that must match the request for an existing cache to be reused.
+_MATCH_KEYS = ("schema_version", "model", "pretrained", "pretrained_sha256", "frames", "image_size",
+               "patch_layer", "max_text_tokens", "records_sha256")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything the cache records about how its features were made."""
+
+    dataset: str
+    model: str
+    pretrained: str
+    pretrained_sha256: str
+    frames: int
+    image_size: int
+    patch_layer: int
+    max_text_tokens: int
+    num_patches: int
+    patch_width: int
+    text_width: int
+    embed_dim: int
+    compression: str = DEFAULT_COMPRESSION
+
+    def attrs(self, records: list[VideoRecord], truncated: int) -> dict:
+        """Group attributes for a new cache built from these records."""
+        return {
+            **asdict(self),
+            "schema_version": SCHEMA_VERSION,
+            "random_init": not self.pretrained,
+            "records_sha256": records_fingerprint(records),
+            "texts_truncated": int(truncated),
+            "code_version": __version__,
+        }
+
+
+def records_fingerprint(records: list[VideoRecord]) -> str:
+    """A digest of ids, captions and splits, so a cache is never reused for a different video list."""
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(json.dumps([r.video_id, list(r.captions), r.split]).encode())
+    return digest.hexdigest()
+
+
+class DurableStore(LocalStore):
+    """A LocalStore whose every write is atomic and durable: temp file, fsync, rename, fsync directory."""
+
+    async def set(self, key: str, value) -> None:
+        await asyncio.to_thread(_durable_write, self.root / key, value.as_buffer_like())
+
+
+def _durable_write(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock held while a cache is created or rebuilt, so shard processes agree on one store."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _create_arrays(group: zarr.Group, spec: CacheSpec, records: list[VideoRecord], text_lengths: np.ndarray) -> None:
+    compressors = COMPRESSORS[spec.compression]
+    V, T, P, W = len(records), spec.frames, spec.num_patches, spec.patch_width
+    N, L, E = int(sum(len(r.captions) for r in records)), spec.max_text_tokens, spec.embed_dim
+
+    def array(name, shape, chunks, dtype, compress=True, fill_value=0):
+        return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value,
+                                  compressors=compressors if compress else None)
+
+    def strings(name, values, chunks=None):
+        arr = array(name, (len(values),), (chunks or max(len(values), 1),), str, compress=False, fill_value="")
+        if len(values) and chunks is None:
+            arr[:] = np.array(values, dtype=object)
+        return arr
+
+    strings("video_ids", [r.video_id for r in records])
+    strings("video_paths", [str(r.path) for r in records])
+    strings("video_split", [r.split for r in records])
+    array("video_status", (V,), (1,), "int8", compress=False)
+    strings("video_error", [""] * V, chunks=1)
+    array("patch_tokens", (V, T, P, W), (1, T, P, W), "float16")
+    array("cls_tokens", (V, T, W), (1, T, W), "float16")
+    array("frame_embeds", (V, T, E), (1, T, E), "float16")
+    array("frame_mask", (V, T), (1, T), "bool", fill_value=False)
+    strings("captions", [c for r in records for c in r.captions])
+    text_video = array("text_video", (N,), (max(N, 1),), "int32", compress=False)
+    text_video[:] = np.repeat(np.arange(V, dtype=np.int32), [len(r.captions) for r in records])
+    chunk = min(TEXT_CHUNK, max(N, 1))
+    array("text_tokens", (N, L, spec.text_width), (chunk, L, spec.text_width), "float16")
+    array("text_lengths", (N,), (chunk,), "int16", compress=False)[:] = text_lengths
+    array("text_embeds", (N, E), (chunk, E), "float16")
+    array("text_chunk_status", (-(-N // chunk),), (1,), "int8", compress=False)
+
+
+class FeatureCache:
+    """One opened cache group: the only code that knows the array names."""
+
+    def __init__(self, path: Path, mode: str = "r") -> None:
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise UserError(f"{self.path}: no feature cache here; run `python cli.py extract` first or pass --cache DIR")
+        store = DurableStore(self.path, read_only=(mode == "r"))
+        try:
+            self.group = zarr.open_group(store, mode="r" if mode == "r" else "r+")
+            self.attrs = dict(self.group.attrs)
+        except Exception as e:  # noqa: BLE001 - damaged metadata of any kind gets the same answer
+            raise UserError(f"{self.path}: cache metadata is damaged ({e}); rebuild it with `extract --overwrite`") from None
+        if self.attrs.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(
+                f"{self.path}: cache schema version {self.attrs.get('schema_version')} != {SCHEMA_VERSION} "
+                "of this code; rebuild it with `extract --overwrite`"
+            )
+
+    @classmethod
+    def open_or_create(
+        cls, path: Path, spec: CacheSpec, records: list[VideoRecord], text_lengths: np.ndarray, truncated: int,
+        overwrite: bool = False,
+    ) -> "FeatureCache":
+        """Open the cache for these records and this encoder, creating it (atomically) when absent."""
+        path = Path(path)
+        with cache_lock(path):
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while creating
+            if path.exists() and overwrite:
+                shutil.rmtree(path)
+            if not path.exists():
+                tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+                group = zarr.open_group(DurableStore(tmp), mode="w", zarr_format=3)
+                _create_arrays(group, spec, records, text_lengths)
+                group.attrs.update(spec.attrs(records, truncated))
+                os.rename(tmp, path)
+            cache = cls(path, mode="r+")
+        wanted = spec.attrs(records, truncated)
+        for key in _MATCH_KEYS:
+            if cache.attrs.get(key) != wanted[key]:
+                what = "video list or captions" if key == "records_sha256" else key
+                raise UserError(
+                    f"{path}: cache was built with another {what} ({cache.attrs.get(key)!r} != {wanted[key]!r}); "
+                    "pass --overwrite to rebuild it or --cache to use another folder"
+                )
+        return cache
+
+    # -- shapes and metadata ------------------------------------------------------------------
+    def __getitem__(self, name: str) -> zarr.Array:
+        return self.group[name]
+
+    @property
+    def n_videos(self) -> int:
+        return int(self.group["video_ids"].shape[0])
+
+    @property
+    def n_texts(self) -> int:
+        return int(self.group["captions"].shape[0])
+
+    @property
+    def n_text_chunks(self) -> int:
+        return int(self.group["text_chunk_status"].shape[0])
+
+    @property
+    def text_chunk(self) -> int:
+        return int(self.group["text_tokens"].chunks[0])
+
+    def video_ids(self) -> np.ndarray:
+        return np.asarray(self.group["video_ids"][:], dtype=object)
+
+    def video_split(self) -> np.ndarray:
+        return np.asarray(self.group["video_split"][:], dtype=object)
+
+    def video_status(self) -> np.ndarray:
+        return np.asarray(self.group["video_status"][:])
+
+    def text_chunk_status(self) -> np.ndarray:
+        return np.asarray(self.group["text_chunk_status"][:])
+
+    def text_video(self) -> np.ndarray:
+        return np.asarray(self.group["text_video"][:])
+
+    def failures(self) -> list[dict]:
+        """Failed videos with the recorded reason, in index order."""
+        failed = np.flatnonzero(self.video_status() == FAILED)
+        ids = self.group["video_ids"]
+        errors = self.group["video_error"]
+        return [{"video": str(ids[i]), "reason": str(errors[i])} for i in failed]
+
+    # -- writing --------------------------------------------------------------------------------
+    def write_video(self, i: int, patch: np.ndarray, cls_tok: np.ndarray, emb: np.ndarray, mask: np.ndarray) -> None:
+        """Store one video's features, then mark it done (data first: a kill leaves it pending)."""
+        g = self.group
+        g["patch_tokens"][i] = patch.astype(np.float16)
+        g["cls_tokens"][i] = cls_tok.astype(np.float16)
+        g["frame_embeds"][i] = emb.astype(np.float16)
+        g["frame_mask"][i] = mask
+        g["video_error"][i] = ""
+        g["video_status"][i] = DONE
+
+    def write_failure(self, i: int, reason: str) -> None:
+        """Record why a video could not be decoded."""
+        self.group["video_error"][i] = reason
+        self.group["video_status"][i] = FAILED
+
+    def write_text_chunk(self, c: int, tokens: np.ndarray, emb: np.ndarray) -> None:
+        """Store one chunk of caption features, then mark the chunk done."""
+        lo = c * self.text_chunk
+        hi = lo + len(tokens)
+        self.group["text_tokens"][lo:hi] = tokens.astype(np.float16)
+        self.group["text_embeds"][lo:hi] = emb.astype(np.float16)
+        self.group["text_chunk_status"][c] = DONE
+
+    def text_chunk_range(self, c: int) -> tuple[int, int]:
+        """Caption index range [lo, hi) of chunk c."""
+        lo = c * self.text_chunk
+        return lo, min(lo + self.text_chunk, self.n_texts)
+
+    def size_bytes(self) -> int:
+        """Bytes on disk under the cache folder."""
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def describe(self) -> dict:
+        """The facts `cli.py info` reports (JSON-serialisable)."""
+        status = self.video_status()
+        split = self.video_split()
+        text_split = split[self.text_video()] if self.n_texts else np.array([], dtype=object)
+        shapes = {name: {"shape": list(self.group[name].shape), "dtype": str(self.group[name].dtype)}
+                  for name in ("patch_tokens", "cls_tokens", "frame_embeds", "frame_mask", "text_tokens", "text_embeds")}
+        return {
+            "cache": str(self.path),
+            "dataset": self.attrs["dataset"],
+            "videos_done": int((status == DONE).sum()),
+            "videos_total": self.n_videos,
+            "texts": self.n_texts,
+            "text_chunks_done": int((self.text_chunk_status() == DONE).sum()),
+            "text_chunks_total": self.n_text_chunks,
+            "texts_truncated": self.attrs["texts_truncated"],
+            "failed": self.failures(),
+            "model": self.attrs["model"],
+            "pretrained": self.attrs["pretrained"] or None,
+            "random_init": self.attrs["random_init"],
+            "frames": self.attrs["frames"],
+            "image_size": self.attrs["image_size"],
+            "patch_layer": self.attrs["patch_layer"],
+            "splits": {name: {"videos": int((split == name).sum()), "texts": int((text_split == name).sum())}
+                       for name in sorted(set(split.tolist()))},
+            "arrays": shapes,
+            "bytes": self.size_bytes(),
+        }

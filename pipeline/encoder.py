@@ -1,0 +1,192 @@
+"""The frozen open_clip encoder: per-frame patch tokens and embeddings, per-caption text tokens and embeddings."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+DEFAULT_MODEL = "CrossTVR-Tiny"
+
+
+def register_model_configs() -> None:
+    """Make the project's architectures (model_configs/*.json) known to open_clip by name."""
+    import open_clip
+
+    if DEFAULT_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU runs in float32)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What the cache records about the encoder, and the shapes it produces."""
+
+    model: str
+    pretrained: str  # open_clip tag, local checkpoint path, or "" for random weights
+    pretrained_sha256: str  # checksum of a local checkpoint, else ""
+    image_size: int
+    patch_layer: int
+    num_patches: int  # P: grid patches per frame (the class token is stored apart)
+    patch_width: int  # W: width of the vision transformer
+    text_width: int  # W_text: width of the text transformer
+    embed_dim: int  # E: joint embedding space
+    context_length: int
+
+
+def _load_model(model_name: str, pretrained: str | None):
+    import open_clip
+
+    register_model_configs()
+    if model_name not in open_clip.list_models():
+        raise UserError(
+            f"unknown open_clip model '{model_name}': see open_clip.list_models() "
+            f"(e.g. ViT-B-32, ViT-L-14) or the project's {DEFAULT_MODEL}"
+        )
+    if pretrained and Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") and not Path(pretrained).is_file():
+        raise UserError(f"{pretrained}: checkpoint file not found; pass --pretrained an existing file or an open_clip tag")
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+    except Exception as e:  # noqa: BLE001 - any download/lookup failure gets the same advice
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"could not load pretrained weights '{pretrained}' for {model_name} ({reason}); without network access "
+            f"pass a local checkpoint: --pretrained /path/to/{model_name}.safetensors (or .bin/.pt)"
+        ) from None
+    return model
+
+
+class FrozenEncoder:
+    """A frozen open_clip ViT run once per frame and caption, exposing the tokens the model really uses."""
+
+    def __init__(
+        self,
+        model_name: str = DEFAULT_MODEL,
+        pretrained: str | None = None,
+        device: torch.device | None = None,
+        patch_layer: int = -1,
+        max_text_tokens: int = 32,
+    ) -> None:
+        import open_clip
+
+        self.device = device or default_device()
+        model = _load_model(model_name, pretrained)
+        if not pretrained:
+            log.warning(
+                "RANDOM WEIGHTS: model %s has no --pretrained weights; its features carry no meaning "
+                "(pass an open_clip tag such as 'openai' or a local checkpoint path)",
+                model_name,
+            )
+        else:
+            log.info("encoder %s with pretrained weights '%s'", model_name, pretrained)
+        visual = getattr(model, "visual", None)
+        if not hasattr(visual, "transformer") or not hasattr(visual, "class_embedding"):
+            raise UserError(f"model '{model_name}' has no ViT image tower; patch tokens need a ViT (e.g. ViT-B-32)")
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.visual = self.model.visual
+        self.text_transformer = getattr(self.model, "transformer", None) or self.model.text.transformer
+        n_blocks = len(self.visual.transformer.resblocks)
+        if not -n_blocks <= patch_layer < n_blocks:
+            raise UserError(f"--patch-layer {patch_layer} out of range: {model_name} has {n_blocks} visual blocks")
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        size = cfg["size"]
+        image_size = int(size if isinstance(size, int) else size[0])
+        self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
+        context_length = int(self.tokenizer.context_length)
+        self.max_text_tokens = min(max_text_tokens, context_length)
+        self.info = EncoderInfo(
+            model=model_name,
+            pretrained=str(pretrained or ""),
+            pretrained_sha256=file_sha256(Path(pretrained)) if pretrained and Path(pretrained).is_file() else "",
+            image_size=image_size,
+            patch_layer=patch_layer % n_blocks,
+            num_patches=int(self.visual.positional_embedding.shape[0]) - 1,
+            patch_width=int(self.visual.class_embedding.shape[-1]),
+            text_width=int(self.text_transformer.width),
+            embed_dim=int(self.model.embed_dim if hasattr(self.model, "embed_dim") else self.visual.output_dim),
+            context_length=context_length,
+        )
+
+    @staticmethod
+    def _capture(module: torch.nn.Module, batch_first: bool):
+        """Forward hook storing a block's output as [B, L, W]."""
+        store: dict[str, torch.Tensor] = {}
+
+        def hook(_mod, _inp, out):
+            out = out[0] if isinstance(out, tuple) else out
+            store["x"] = out if batch_first else out.transpose(0, 1)
+
+        return store, module.register_forward_hook(hook)
+
+    @torch.no_grad()
+    def encode_frames(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """uint8 frames [N, S, S, 3] -> patch tokens [N, P, W], class tokens [N, W], embeddings [N, E] (float32, CPU)."""
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+        x = (x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std  # [N, 3, S, S]
+        block = self.visual.transformer.resblocks[self.info.patch_layer]
+        store, handle = self._capture(block, self.visual.transformer.batch_first)
+        try:
+            with autocast(self.device):
+                emb = self.model.encode_image(x)
+        finally:
+            handle.remove()
+        tokens = store["x"].float()  # [N, 1 + P, W]
+        return tokens[:, 1:].cpu(), tokens[:, 0].cpu(), emb.float().cpu()
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Token ids [N, context] truncated to max_text_tokens, valid lengths [N] and whether each was truncated."""
+        short = self.tokenizer(captions, context_length=self.max_text_tokens)  # EOT kept at the end when cut
+        full_lengths = np.array([len(self.tokenizer.encode(c)) + 2 for c in captions], dtype=np.int64)
+        ids = torch.zeros(len(captions), self.info.context_length, dtype=torch.long)
+        ids[:, : self.max_text_tokens] = short
+        lengths = np.minimum(full_lengths, self.max_text_tokens)
+        return ids, lengths, full_lengths > self.max_text_tokens
+
+    @torch.no_grad()
+    def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+        """Captions -> text tokens [N, L, W_text] (L = max_text_tokens), lengths [N], embeddings [N, E]."""
+        ids, lengths, _ = self.tokenize(captions)
+        # A causal text transformer: positions before L never see the padding after them, so
+        # these tokens and this embedding are exactly what open_clip computes for the (cut) caption.
+        store, handle = self._capture(self.text_transformer.resblocks[-1], self.text_transformer.batch_first)
+        try:
+            with autocast(self.device):
+                emb = self.model.encode_text(ids.to(self.device))
+        finally:
+            handle.remove()
+        tokens = store["x"][:, : self.max_text_tokens].float().cpu()
+        positions = torch.arange(self.max_text_tokens)[None, :, None]
+        tokens = tokens.masked_fill(positions >= torch.from_numpy(lengths)[:, None, None], 0.0)
+        return tokens, lengths, emb.float().cpu()

@@ -1,0 +1,97 @@
+"""The frozen encoder: stored tokens re-pool to open_clip's own embeddings; loading errors are one clear line."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.encoder import DEFAULT_MODEL, FrozenEncoder, file_sha256
+from pipeline.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def encoder() -> FrozenEncoder:
+    torch.manual_seed(0)
+    return FrozenEncoder(DEFAULT_MODEL, device=torch.device("cpu"))
+
+
+def _pixels(enc: FrozenEncoder, frames: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+    return (x - enc.mean) / enc.std
+
+
+def test_patch_tokens_repool_to_encode_image(encoder):
+    frames = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    patch, cls_tok, emb = encoder.encode_frames(frames)
+    assert patch.shape == (5, encoder.info.num_patches, encoder.info.patch_width) == (5, 64, 128)
+    assert cls_tok.shape == (5, 128) and emb.shape == (5, encoder.info.embed_dim)
+    v = encoder.model.visual
+    tokens = torch.cat([cls_tok[:, None], patch], dim=1)  # [N, 1 + P, W]
+    repooled = v.ln_post(tokens)[:, 0] @ v.proj  # class-token pooling, as open_clip's ViT does
+    with torch.no_grad():
+        reference = encoder.model.encode_image(_pixels(encoder, frames))
+    torch.testing.assert_close(repooled, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(emb, reference)
+
+
+def test_text_tokens_repool_to_encode_text(encoder):
+    captions = ["a red circle moves to the left", "a blue square", "word " * 60]
+    tokens, lengths, emb = encoder.encode_captions(captions)
+    assert tokens.shape == (3, 32, encoder.info.text_width)
+    assert lengths[0] == 9 and lengths[2] == 32  # SOT + 7 words + EOT; the long one is cut at 32
+    assert not tokens[0, lengths[0]:].any() and tokens[0, : lengths[0]].abs().sum(-1).min() > 0
+    m = encoder.model
+    repooled = m.ln_final(tokens)[torch.arange(3), torch.from_numpy(lengths) - 1] @ m.text_projection
+    with torch.no_grad():
+        reference = m.encode_text(open_clip.get_tokenizer(DEFAULT_MODEL)(captions))
+    torch.testing.assert_close(repooled, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(emb, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_truncation_is_counted(encoder):
+    _, lengths, truncated = encoder.tokenize(["short one", "long " * 40])
+    assert truncated.tolist() == [False, True] and lengths.tolist() == [4, 32]
+
+
+def test_patch_layer_picks_another_block(encoder):
+    enc = FrozenEncoder(DEFAULT_MODEL, device=torch.device("cpu"), patch_layer=1)
+    enc.model.load_state_dict(encoder.model.state_dict())
+    frames = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    last, _, emb_last = encoder.encode_frames(frames)
+    second, _, emb_second = enc.encode_frames(frames)
+    assert enc.info.patch_layer == 1 and not torch.allclose(last, second)
+    torch.testing.assert_close(emb_last, emb_second)  # the embedding is still the model's final one
+
+
+def test_local_checkpoint_loads_and_is_recorded(encoder, tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, str(path))
+    loaded = FrozenEncoder(DEFAULT_MODEL, pretrained=str(path), device=torch.device("cpu"))
+    assert loaded.info.pretrained == str(path) and loaded.info.pretrained_sha256 == file_sha256(path)
+    frames = np.zeros((1, 64, 64, 3), dtype=np.uint8)
+    torch.testing.assert_close(loaded.encode_frames(frames)[2], encoder.encode_frames(frames)[2])
+
+
+def test_random_weights_warn_loudly(caplog):
+    with caplog.at_level(logging.WARNING):
+        enc = FrozenEncoder(DEFAULT_MODEL, device=torch.device("cpu"))
+    assert "RANDOM WEIGHTS" in caplog.text and enc.info.pretrained == ""
+
+
+@pytest.mark.parametrize(
+    "model, pretrained, message",
+    [
+        ("No-Such-Model", None, "unknown open_clip model 'No-Such-Model'"),
+        (DEFAULT_MODEL, "missing/ckpt.safetensors", "checkpoint file not found"),
+        (DEFAULT_MODEL, "no-such-tag", "pass a local checkpoint: --pretrained"),
+    ],
+)
+def test_loading_errors_are_one_line(model, pretrained, message):
+    with pytest.raises(UserError, match=message) as err:
+        FrozenEncoder(model, pretrained=pretrained, device=torch.device("cpu"))
+    assert "\n" not in str(err.value)

@@ -1,0 +1,200 @@
+"""Stage one end to end: extract into the Zarr cache, resume, shards, failures, refusals, info and export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cli
+from pipeline.cache import DONE, FeatureCache
+from pipeline.decode import decode_video
+from pipeline.encoder import FrozenEncoder
+from pipeline.errors import UserError
+from pipeline.extract import ExtractConfig, run_extract
+from tests.conftest import REAL_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+FEATURES = ("patch_tokens", "cls_tokens", "frame_embeds", "frame_mask", "text_tokens", "text_lengths", "text_embeds")
+
+
+def _cfg(data: Path, cache: Path, **kw) -> ExtractConfig:
+    return ExtractConfig(dataset="manifest", data_root=data, cache=cache, batch_videos=2, workers=2, progress=False, **kw)
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    c = FeatureCache(path)
+    return {name: c[name][:] for name in FEATURES + ("video_status",)}
+
+
+@pytest.fixture
+def extracted(tiny_dataset, tmp_path):
+    torch.manual_seed(0)  # random-init encoder: the same seed gives the same weights in every run
+    summary = run_extract(_cfg(tiny_dataset, tmp_path / "c.zarr"))
+    return summary, FeatureCache(summary.cache)
+
+
+def test_extract_stores_what_the_encoder_computes(extracted, tiny_dataset):
+    summary, cache = extracted
+    assert (summary.videos_done, summary.videos_total, summary.texts, summary.failed) == (5, 5, 10, [])
+    assert cache["patch_tokens"].shape == (5, 12, 64, 128) and cache["patch_tokens"].dtype == np.float16
+    assert cache["text_tokens"].shape == (10, 32, 96)
+    assert cache.text_video().tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    ids = cache.video_ids().tolist()
+    assert ids[0] == "videos/clip0.mp4" and cache.video_split().tolist() == ["train", "train", "val", "test", "test"]
+    assert cache["frame_mask"][ids.index("videos/clip4.mp4")].sum() == 3  # the 3-frame clip is padded with a mask
+
+    torch.manual_seed(0)
+    enc = FrozenEncoder(device=torch.device("cpu"))
+    i = ids.index("videos/clip1.mp4")
+    video = decode_video(tiny_dataset / ids[i], 12, 64)
+    patch, cls_tok, emb = enc.encode_frames(video.frames)
+    np.testing.assert_allclose(cache["frame_embeds"][i], emb.numpy(), atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(cache["patch_tokens"][i], patch.numpy(), atol=2e-2, rtol=2e-3)
+    captions = list(cache["captions"][:])
+    tokens, lengths, text_emb = enc.encode_captions(captions)
+    np.testing.assert_allclose(cache["text_embeds"][:], text_emb.numpy(), atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(cache["text_tokens"][:], tokens.numpy(), atol=2e-2, rtol=2e-3)
+    assert cache["text_lengths"][:].tolist() == lengths.tolist()
+    assert not cache["patch_tokens"][ids.index("videos/clip4.mp4"), 3:].any()  # masked slots are zeros
+
+
+def test_rerun_is_idempotent_and_skips_finished_work(extracted, tiny_dataset):
+    summary, cache = extracted
+    before = _arrays(summary.cache)
+    chunk_files = sorted((summary.cache / "patch_tokens").rglob("*"))
+    mtimes = [f.stat().st_mtime_ns for f in chunk_files]
+    torch.manual_seed(0)
+    run_extract(_cfg(tiny_dataset, summary.cache))
+    assert [f.stat().st_mtime_ns for f in chunk_files] == mtimes  # nothing rewritten
+    after = _arrays(summary.cache)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_crash_then_resume_equals_uninterrupted_run(extracted, tiny_dataset, tmp_path, monkeypatch):
+    summary, _ = extracted
+    reference = _arrays(summary.cache)
+    original = FeatureCache.write_video
+    calls = {"n": 0}
+
+    def crash_after_three(self, *args):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt  # a run stopped half-way through a block
+        return original(self, *args)
+
+    monkeypatch.setattr(FeatureCache, "write_video", crash_after_three)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(_cfg(tiny_dataset, tmp_path / "resumed.zarr"))
+    assert (FeatureCache(tmp_path / "resumed.zarr").video_status() == DONE).sum() == 3
+    monkeypatch.setattr(FeatureCache, "write_video", original)
+    torch.manual_seed(0)
+    run_extract(_cfg(tiny_dataset, tmp_path / "resumed.zarr"))
+    resumed = _arrays(tmp_path / "resumed.zarr")
+    for name in reference:
+        np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
+
+
+def test_undecodable_videos_are_recorded_and_the_run_goes_on(tiny_dataset, tmp_path):
+    (tiny_dataset / "videos" / "not a video é.mp4").write_text("hello\n" * 50)
+    (tiny_dataset / "videos" / "empty.mp4").write_bytes(b"")
+    with open(tiny_dataset / "manifest.csv", "a") as f:
+        f.write("videos/not a video é.mp4,a text file renamed,train\n")
+        f.write("videos/empty.mp4,zero bytes,train\n")
+        f.write("videos/gone.mp4,missing on disk,test\n")
+    result = CliRunner().invoke(cli.main, ["extract", "--dataset", "manifest", "--data-root", str(tiny_dataset),
+                                           "--cache", str(tmp_path / "c.zarr")])
+    assert result.exit_code == 0, result.output
+    assert "3 video(s) could not be decoded" in result.output
+    reasons = {f["video"]: f["reason"] for f in FeatureCache(tmp_path / "c.zarr").failures()}
+    assert reasons["videos/empty.mp4"] == "empty file (0 bytes)"
+    assert reasons["videos/gone.mp4"] == "file not found"
+    assert "Invalid data" in reasons["videos/not a video é.mp4"]
+    assert (FeatureCache(tmp_path / "c.zarr").video_status() == DONE).sum() == 5
+    strict = CliRunner().invoke(cli.main, ["extract", "--dataset", "manifest", "--data-root", str(tiny_dataset),
+                                           "--cache", str(tmp_path / "c.zarr"), "--strict"])
+    assert strict.exit_code == 1
+
+
+def test_cache_of_other_settings_is_refused_then_overwritten(extracted, tiny_dataset):
+    summary, _ = extracted
+    with pytest.raises(UserError, match=r"another frames \(12 != 8\); pass --overwrite"):
+        run_extract(_cfg(tiny_dataset, summary.cache, frames=8))
+    run_extract(_cfg(tiny_dataset, summary.cache, frames=8, overwrite=True))
+    assert FeatureCache(summary.cache)["frame_mask"].shape == (5, 8)
+
+
+def test_cache_of_another_video_list_is_refused(extracted, tiny_dataset):
+    summary, _ = extracted
+    with open(tiny_dataset / "manifest.csv", "a") as f:
+        f.write("videos/clip0.mp4,a new caption,train\n")
+    with pytest.raises(UserError, match="another video list or captions"):
+        run_extract(_cfg(tiny_dataset, summary.cache))
+
+
+def test_concurrent_shards_complete_one_store(tiny_dataset, tmp_path, extracted):
+    _, single = extracted
+    cache = tmp_path / "sharded.zarr"
+    cmd = [sys.executable, str(ROOT / "cli.py"), "extract", "--dataset", "manifest", "--data-root", str(tiny_dataset),
+           "--cache", str(cache), "--batch-videos", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    seed = "import torch, sys, runpy; torch.manual_seed(0); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    procs = [subprocess.Popen([sys.executable, "-c", seed, *cmd[1:], "--shard", f"{i}/2"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    outputs = [p.communicate(timeout=240)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    sharded = FeatureCache(cache)
+    assert (sharded.video_status() == DONE).all() and (sharded.text_chunk_status() == DONE).all()
+    for name in ("frame_embeds", "text_embeds", "frame_mask"):
+        np.testing.assert_allclose(sharded[name][:].astype(np.float32), single[name][:].astype(np.float32), atol=1e-2)
+
+
+def test_info_json_and_export_h5(extracted, tmp_path):
+    summary, cache = extracted
+    result = CliRunner().invoke(cli.main, ["info", "--cache", str(summary.cache), "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.output)
+    assert facts["videos_done"] == facts["videos_total"] == 5 and facts["texts"] == 10 and facts["failed"] == []
+    assert facts["model"] == "CrossTVR-Tiny" and facts["pretrained"] is None and facts["frames"] == 12
+    assert facts["splits"] == {"test": {"videos": 2, "texts": 4}, "train": {"videos": 2, "texts": 4},
+                               "val": {"videos": 1, "texts": 2}}
+    assert facts["bytes"] > 0
+    out = tmp_path / "features.h5"
+    result = CliRunner().invoke(cli.main, ["export-h5", "--cache", str(summary.cache), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as h5:
+        for name in FEATURES:
+            np.testing.assert_array_equal(h5[name][:], cache[name][:])
+        assert [s.decode() for s in h5["video_ids"][:]] == cache.video_ids().tolist()
+        assert h5.attrs["model"] == "CrossTVR-Tiny"
+
+
+def test_missing_data_root_is_one_line(tmp_path):
+    result = CliRunner().invoke(cli.main, ["extract", "--dataset", "msvd", "--data-root", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and "nope" in result.output and "--data-root" in result.output
+
+
+@pytest.mark.realdata
+def test_real_msvd_clips_all_extracted(tmp_path):
+    root = REAL_DATA / "msvd"
+    if not root.is_dir():
+        pytest.skip("shared/real-data is absent")
+    summary = run_extract(ExtractConfig(dataset="msvd", data_root=root, cache=tmp_path / "msvd.zarr", progress=False))
+    cache = FeatureCache(summary.cache)
+    facts = cache.describe()
+    assert facts["videos_done"] == 5 and facts["failed"] == []
+    from pipeline.safe_pickle import safe_load
+
+    assert facts["texts"] == sum(len(v) for v in safe_load(root / "raw-captions.pkl").values())
+    assert cache["frame_mask"][:].all()  # 4 to 8 s clips fill all 12 slots
+    assert facts["splits"]["train"]["videos"] == 4 and facts["splits"]["test"]["videos"] == 1
