@@ -10,13 +10,16 @@ from pipeline.records import VideoRecord
 
 Adapter = Callable[[Path], list[VideoRecord]]
 ADAPTERS: dict[str, Adapter] = {}
+GENERATED: set[str] = set()  # datasets whose adapter makes the data root itself when it is missing
 
 
-def register(name: str) -> Callable[[Adapter], Adapter]:
+def register(name: str, generates: bool = False) -> Callable[[Adapter], Adapter]:
     """Register an adapter under the name users pass to --dataset."""
 
     def wrap(fn: Adapter) -> Adapter:
         ADAPTERS[name] = fn
+        if generates:
+            GENERATED.add(name)
         return fn
 
     return wrap
@@ -32,7 +35,7 @@ def load_records(dataset: str, data_root: Path) -> list[VideoRecord]:
     _import_adapters()
     if dataset not in ADAPTERS:
         raise UserError(f"unknown dataset '{dataset}': choose one of {', '.join(sorted(ADAPTERS))}")
-    if not data_root.is_dir():
+    if not data_root.is_dir() and dataset not in GENERATED:
         raise UserError(f"{data_root}: data root not found; pass --data-root DIR holding the '{dataset}' annotations")
     records = ADAPTERS[dataset](data_root)
     if not records:
@@ -42,4 +45,4 @@ def load_records(dataset: str, data_root: Path) -> list[VideoRecord]:
 
 def _import_adapters() -> None:
     # Importing the modules runs their @register decorators.
-    from pipeline.datasets import manifest, msrvtt, msvd  # noqa: F401
+    from pipeline.datasets import manifest, msrvtt, msvd, synthetic  # noqa: F401
