@@ -129,5 +129,75 @@ def export_h5_cmd(cache, out) -> None:
     click.echo(f"wrote {path}")
 
 
+@main.command("make-synthetic")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("data/synthetic"), show_default=True)
+@click.option("--videos", default=1000, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--size", default=64, show_default=True, help="Frame size in pixels.")
+@click.option("--seconds", default=2.0, show_default=True)
+@_friendly
+def make_synthetic_cmd(out, videos, seed, size, seconds) -> None:
+    """Render the synthetic fine-grained video set (mp4 files, manifest.csv, scenes.jsonl)."""
+    from pipeline.synthetic import make_synthetic
+
+    path = make_synthetic(out, videos=videos, seed=seed, size=size, seconds=seconds)
+    click.echo(f"synthetic set in {path}")
+
+
+@main.command("train-reranker")
+@click.option("--cache", type=click.Path(path_type=Path), help="Cache folder [default: the most recent one].")
+@click.option("--run", type=click.Path(path_type=Path), help="Run folder [default: runs/<timestamp>].")
+@click.option("--resume", is_flag=True, help="Continue the run in --run from its last checkpoint.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--epochs", default=20, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--hard-negatives", default=2, show_default=True, help="First-stage top candidates used as negatives.")
+@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--temporal", type=click.Choice(["mean", "transformer"]), default="mean", show_default=True)
+@click.option("--spatial", type=click.Choice(["attention", "cls", "flat"]), default="attention", show_default=True)
+@click.option("--share-attention/--no-share-attention", default=False, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--checkpoint-every", default=50, show_default=True, help="Steps between checkpoints.")
+@click.option("--allow-partial", is_flag=True, help="Train on a cache whose extraction is unfinished.")
+@_friendly
+def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives, lr, temporal, spatial,
+                   share_attention, seed, checkpoint_every, allow_partial) -> None:
+    """Stage two: train the first stage and the reranker from cached tensors only."""
+    from reranker.train import TrainConfig, train
+
+    if resume and run is None:
+        raise UserError("--resume needs --run DIR (the run to continue)")
+    cfg = TrainConfig(cache=str(_resolve_cache(cache)) if not resume else "", run=str(run or ""), split=split,
+                      epochs=epochs, batch_size=batch_size, hard_negatives=hard_negatives, lr=lr, temporal=temporal,
+                      spatial=spatial, share_attention=share_attention, seed=seed, checkpoint_every=checkpoint_every,
+                      allow_partial=allow_partial)
+    path = train(cfg, resume=resume)
+    click.echo(f"run {path}: best.pt, last.pt, log.jsonl")
+
+
+@main.command()
+@click.option("--cache", type=click.Path(path_type=Path), help="Cache folder [default: the most recent one].")
+@click.option("--run", type=click.Path(path_type=Path), help="A train-reranker run folder.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--top-k", default=15, show_default=True, help="Candidates re-scored by the reranker.")
+@click.option("--out", type=click.Path(path_type=Path), help="Metrics JSON [default: <run>/eval_<split>.json].")
+@click.option("--save-sims", type=click.Path(path_type=Path), help="Folder for the score matrices (.npy).")
+@click.option("--zero-shot", is_flag=True, help="Evaluate the untrained first stage (zero-shot CLIP).")
+@_friendly
+def evaluate(cache, run, split, top_k, out, save_sims, zero_shot) -> None:
+    """First-stage retrieval over a split, top-K re-scored by the reranker: R@1/5/10, MdR, MnR."""
+    from reranker.evaluate import EvalConfig, run_evaluate
+    from reranker.metrics import format_table
+
+    cfg = EvalConfig(cache=_resolve_cache(cache), run=run, split=split, top_k=top_k, out=out, save_sims=save_sims,
+                     zero_shot=zero_shot)
+    results, where = run_evaluate(cfg)
+    stages = {k: results[k] for k in ("first_stage", "two_stage") if k in results}
+    click.echo(f"{results['split']}: {results['n_videos']} videos, {results['n_texts']} captions, top-K {results['top_k']}")
+    click.echo(format_table(stages))
+    click.echo("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in where["seconds"].items()))
+    click.echo(f"metrics {where['json']}\nplot    {where['plot']}")
+
+
 if __name__ == "__main__":
     main()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import logging
 from pathlib import Path
 
 import ffmpeg
@@ -58,6 +57,44 @@ def tiny_dataset(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def _quiet_open_clip():
-    logging.getLogger("root").setLevel(logging.ERROR)
+def make_feature_cache(path: Path, splits: dict[str, int], captions: int = 2, frames: int = 4, patches: int = 4,
+                       width: int = 16, embed: int = 8, text_width: int = 16, text_len: int = 8, seed: int = 0,
+                       finish: bool = True) -> Path:
+    """A small cache of features written straight through the cache API (no decoding, no CLIP).
+
+    Each video has a random latent; its frames, patches and its captions are noisy linear views of it,
+    so a model can learn which caption goes with which video.
+    """
+    from pipeline.cache import CacheSpec, FeatureCache
+    from pipeline.records import VideoRecord
+
+    rng = np.random.default_rng(seed)
+    records = [VideoRecord(f"{split}{i}", path.parent / f"{split}{i}.mp4",
+                           tuple(f"caption {c} of {split} video {i}" for c in range(captions)), split)
+               for split, n in splits.items() for i in range(n)]
+    spec = CacheSpec(dataset="manifest", model="fake", pretrained="", pretrained_sha256="", frames=frames,
+                     image_size=32, patch_layer=0, max_text_tokens=text_len, num_patches=patches, patch_width=width,
+                     text_width=text_width, embed_dim=embed)
+    n_texts = len(records) * captions
+    lengths = rng.integers(3, text_len + 1, size=n_texts)
+    cache = FeatureCache.open_or_create(path, spec, records, lengths, 0)
+    if not finish:
+        return path
+    latent = rng.normal(size=(len(records), embed))
+    views = {name: rng.normal(size=(embed, w)) for name, w in
+             (("patch", width), ("cls", width), ("frame", embed), ("tokens", text_width), ("text", embed))}
+
+    def view(name, z, shape):
+        return z @ views[name] + 0.5 * rng.normal(size=shape)
+
+    for v, z in enumerate(latent):
+        cache.write_video(v, view("patch", z, (frames, patches, width)), view("cls", z, (frames, width)),
+                          view("frame", z, (frames, embed)), np.ones(frames, dtype=bool))
+    text_latent = np.repeat(latent, captions, axis=0)
+    for c in range(cache.n_text_chunks):
+        lo, hi = cache.text_chunk_range(c)
+        z = text_latent[lo:hi]
+        tokens = z[:, None, :] @ views["tokens"] + 0.5 * rng.normal(size=(hi - lo, text_len, text_width))
+        tokens[np.arange(text_len)[None, :] >= lengths[lo:hi, None]] = 0
+        cache.write_text_chunk(c, tokens, view("text", z, (hi - lo, embed)))
+    return path

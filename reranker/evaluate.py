@@ -1,0 +1,170 @@
+"""Evaluation: first-stage retrieval over a whole split, top-K candidates re-scored by the reranker, metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.cache import FeatureCache
+from pipeline.encoder import autocast, default_device
+from pipeline.errors import UserError
+from reranker import metrics as M
+from reranker.data import SplitFeatures
+from reranker.model import CrossTVR
+from reranker.train import TrainConfig, cache_signature, load_model, model_config_for, video_bank
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def first_stage_sims(model: CrossTVR, feats: SplitFeatures, device: torch.device) -> np.ndarray:
+    """Cosine similarity of every caption with every video of the split: float32 [texts, videos]."""
+    videos = video_bank(model, feats, device)  # [V, E]
+    with autocast(device):
+        texts = model.first_stage.encode_text(feats.all_text_embeds().to(device)).float().cpu()  # [N, E]
+    return (texts @ videos.T).numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def _rerank_pairs(model: CrossTVR, feats: SplitFeatures, text_pos: np.ndarray, video_pos: np.ndarray,
+                  device: torch.device) -> np.ndarray:
+    """Reranker logits of (caption, video) pairs; each distinct caption and video is encoded once."""
+    texts_u, t_inv = np.unique(text_pos, return_inverse=True)
+    videos_u, v_inv = np.unique(video_pos, return_inverse=True)
+    t = {k: v.to(device) for k, v in feats.read_texts(texts_u).items()}
+    v = {k: val.to(device) for k, val in feats.read_videos(videos_u).items()}
+    r = model.reranker
+    with autocast(device):
+        queries, qmask = r.encode_queries(t["text_tokens"], t["text_lengths"])
+        frames = r.encode_frames(v["patch_tokens"], v["cls_tokens"])
+        ti, vi = torch.from_numpy(t_inv).to(device), torch.from_numpy(v_inv).to(device)
+        logits = r.match(queries[ti], qmask[ti], frames[vi], v["frame_mask"][vi])
+    return logits.float().cpu().numpy()
+
+
+def rerank(model: CrossTVR, feats: SplitFeatures, first: np.ndarray, top_k: int, device: torch.device,
+           videos_are_queries: bool = False, pairs_per_batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Top-K candidates of every query and their final scores (reranker logit + first-stage cosine / weight)."""
+    scores = first.T if videos_are_queries else first  # [queries, items]
+    candidates = M.topk_candidates(scores, top_k)
+    final = np.empty(candidates.shape, dtype=np.float64)
+    per_batch = max(1, pairs_per_batch // top_k)
+    for lo in range(0, len(candidates), per_batch):
+        q = np.arange(lo, min(lo + per_batch, len(candidates)))
+        query = np.repeat(q, top_k)
+        item = candidates[q].reshape(-1)
+        text_pos, video_pos = (item, query) if videos_are_queries else (query, item)
+        logits = _rerank_pairs(model, feats, text_pos, video_pos, device)
+        cos = torch.from_numpy(scores[query, item].astype(np.float64))
+        final[q] = model.final_score(cos, torch.from_numpy(logits).double()).numpy().reshape(len(q), top_k)
+    return candidates, final
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one split and the score matrices behind them."""
+
+    results: dict
+    first: np.ndarray  # [texts, videos]
+    two_stage_t2v: np.ndarray | None
+    two_stage_v2t: np.ndarray | None
+    seconds: dict
+
+
+def evaluate_split(model: CrossTVR, feats: SplitFeatures, top_k: int, device: torch.device | None = None,
+                   zero_shot: bool = False) -> dict:
+    """The metrics JSON of one split (see run_evaluate)."""
+    return _evaluate(model, feats, top_k, device or default_device(), zero_shot).results
+
+
+def _evaluate(model: CrossTVR, feats: SplitFeatures, top_k: int, device: torch.device, zero_shot: bool) -> Evaluation:
+    if not zero_shot and not 1 <= top_k <= feats.n_videos:
+        raise UserError(f"--top-k {top_k}: split '{feats.split}' has only {feats.n_videos} candidate videos")
+    model = model.to(device).eval()
+    t0 = time.time()
+    first = first_stage_sims(model, feats, device)
+    seconds = {"first_stage": time.time() - t0}
+    truth, n_videos = feats.text_video, feats.n_videos
+    results = {"split": feats.split, "n_videos": n_videos, "n_texts": feats.n_texts, "top_k": top_k,
+               "first_stage": {"t2v": M.t2v_metrics(first, truth), "v2t": M.v2t_metrics(first, truth, n_videos)}}
+    two_t2v = two_v2t = None
+    if not zero_shot:
+        t0 = time.time()
+        cand, final = rerank(model, feats, first, top_k, device)
+        two_t2v = M.two_stage_scores(first, cand, final)
+        k_text = min(top_k, feats.n_texts)
+        cand_v, final_v = rerank(model, feats, first, k_text, device, videos_are_queries=True)
+        two_v2t = M.two_stage_scores(first.T, cand_v, final_v).T
+        seconds["two_stage"] = time.time() - t0
+        results["two_stage"] = {"t2v": M.t2v_metrics(two_t2v, truth), "v2t": M.v2t_metrics(two_v2t, truth, n_videos)}
+    return Evaluation(results, first, two_t2v, two_v2t, seconds)
+
+
+@dataclass
+class EvalConfig:
+    """Options of `cli.py evaluate`."""
+
+    cache: Path
+    run: Path | None = None
+    split: str = "test"
+    top_k: int = 15
+    out: Path | None = None
+    save_sims: Path | None = None
+    zero_shot: bool = False
+
+
+def _check_compatible(trained_on: dict, cache: FeatureCache, run: Path) -> None:
+    here = cache_signature(cache)
+    for key, value in trained_on.items():
+        if here.get(key) != value:
+            raise UserError(
+                f"{run}: trained on a cache with {key}={value!r}, but {cache.path} has {here.get(key)!r}; "
+                "evaluate it on a cache made with the same model and settings"
+            )
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.partial.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
+    """Evaluate a run (or the zero-shot first stage) on a split; write the JSON, plot and matrices."""
+    cache = FeatureCache(Path(cfg.cache))
+    if cfg.zero_shot:
+        model = CrossTVR(model_config_for(cache, TrainConfig()))
+    else:
+        if cfg.run is None:
+            raise UserError("evaluate needs --run DIR (a train-reranker run) or --zero-shot")
+        model, state = load_model(cfg.run)
+        _check_compatible(state["cache_signature"], cache, cfg.run)
+    feats = SplitFeatures.open(cache, cfg.split)
+    ev = _evaluate(model, feats, cfg.top_k, default_device(), cfg.zero_shot)
+    out = Path(cfg.out) if cfg.out else (Path(cfg.run) if cfg.run else Path(cfg.cache).parent) / f"eval_{cfg.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_text(json.dumps(ev.results, indent=2))
+    os.replace(tmp, out)
+    truth = feats.text_video
+    curves = {"first stage t2v": M.t2v_ranks(ev.first, truth)}
+    if ev.two_stage_t2v is not None:
+        curves["two-stage t2v"] = M.t2v_ranks(ev.two_stage_t2v, truth)
+    plot = out.with_suffix(".png")
+    M.recall_curve_png(curves, plot, f"{cache.attrs['dataset']} {cfg.split}: recall@K")
+    if cfg.save_sims:
+        d = Path(cfg.save_sims)
+        d.mkdir(parents=True, exist_ok=True)
+        _atomic_save(d / "first_stage_sims.npy", ev.first.astype(np.float32))
+        _atomic_save(d / "text_to_video.npy", truth.astype(np.int64))
+        if ev.two_stage_t2v is not None:
+            _atomic_save(d / "two_stage_sims.npy", ev.two_stage_t2v)
+            _atomic_save(d / "two_stage_v2t_sims.npy", ev.two_stage_v2t)
+    return ev.results, {"json": str(out), "plot": str(plot), "seconds": ev.seconds}

@@ -1,0 +1,433 @@
+"""The CrossTVR model in one file: first stage and decoupled cross-attention reranker.
+
+Everything here works on the frozen CLIP outputs stored in the cache, never on pixels:
+
+- FirstStage: projections of frame and caption embeddings, temporal pooling ('mean' = CLIP4Clip
+  meanP, 'transformer' = CLIP4Clip seqTransf), cosine similarity and the symmetric InfoNCE loss.
+  At initialisation it IS zero-shot CLIP retrieval (identity projections, zero residual branch).
+- Reranker: the query set (the caption's text tokens plus a few learnable queries) first attends
+  to the patch tokens of each frame separately (spatial cross attention -> one token per frame),
+  then across the frame tokens (temporal cross attention), and a matching head gives one logit
+  per (caption, video) pair.
+- CrossTVR: both, built from one ModelConfig, with the final score and the matching loss.
+
+Shape letters: B pairs or videos, N captions, T frame slots, P patches per frame (no CLS),
+W patch width, L text tokens, Wt text width, E joint embedding width, D reranker width,
+Q learnable queries, K candidate videos of one caption.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TEMPORAL_MODES = ("mean", "transformer")
+SPATIAL_MODES = ("attention", "cls", "flat")
+
+
+@dataclass
+class ModelConfig:
+    """All hyperparameters of CrossTVR; plain values so dataclasses.asdict(config) is JSON."""
+
+    # widths of the frozen CLIP outputs in the cache
+    embed_dim: int = 512  # E: joint image-text embedding
+    patch_width: int = 768  # W: vision transformer width (patch and class tokens)
+    text_width: int = 512  # Wt: text transformer width
+    frames: int = 12  # T: frame slots per video
+    patches: int = 49  # P: grid patches per frame, class token excluded
+    # first stage
+    temporal: str = "mean"  # 'mean' (meanP) | 'transformer' (seqTransf)
+    temporal_layers: int = 4
+    temporal_heads: int = 8
+    logit_scale_init: float = math.log(1 / 0.07)  # as CLIP
+    logit_scale_max: float = 100.0
+    # reranker
+    spatial: str = "attention"  # 'attention' (product) | 'cls' | 'flat' (baselines)
+    share_attention: bool = False  # one set of blocks for the spatial and temporal stages
+    dim: int = 256  # D
+    n_queries: int = 4  # Q learnable queries, always valid members of the query set
+    heads: int = 4
+    layers: int = 1  # cross-attention blocks per stage
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    pos_init_std: float = 1.0  # patch and temporal position embeddings; 0.02 hid frame order
+    # final score = rerank_logit + first_stage_cos / score_weight
+    score_weight: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.temporal not in TEMPORAL_MODES:
+            raise ValueError(f"temporal must be one of {TEMPORAL_MODES}, got {self.temporal!r}")
+        if self.spatial not in SPATIAL_MODES:
+            raise ValueError(f"spatial must be one of {SPATIAL_MODES}, got {self.spatial!r}")
+        if self.share_attention and self.spatial != "attention":
+            raise ValueError("share_attention needs spatial='attention' (there is nothing to share)")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.temporal == "transformer" and self.embed_dim % self.temporal_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by temporal_heads {self.temporal_heads}")
+        if self.n_queries < 1:
+            raise ValueError("n_queries must be >= 1: the learnable queries keep every attention row non-empty")
+        if self.score_weight <= 0:
+            raise ValueError("score_weight must be > 0")
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries over a context; key_mask [B, M] is True where a key counts."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        M = context.shape[1]
+        h = self.heads
+        q = self.q(x).view(B, N, h, D // h).transpose(1, 2)  # [B, h, N, D/h]
+        k, v = self.kv(context).split(D, dim=-1)
+        k = k.view(B, M, h, D // h).transpose(1, 2)  # [B, h, M, D/h]
+        v = v.view(B, M, h, D // h).transpose(1, 2)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, M]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.fc = nn.Linear(dim, hidden)
+        self.proj = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class SelfBlock(nn.Module):
+    """Pre-norm transformer block (the first stage's temporal transformer)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio, dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm block: the query set talks among itself, then attends to the keys, then an MLP.
+
+    Self attention first lets every query (the learnable ones included) carry the whole caption
+    into its own cross attention, so a query can look for "the dog on the left" at once; on the
+    toy tasks this learned more reliably than cross attention first.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.ln_q = nn.LayerNorm(dim)
+        self.ln_kv = nn.LayerNorm(dim)
+        self.cross = Attention(dim, heads, dropout)
+        self.ln_self = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads, dropout)
+        self.ln_mlp = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio, dropout)
+
+    def forward(
+        self, x: torch.Tensor, query_mask: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        h = self.ln_self(x)
+        x = x + self.self_attn(h, h, query_mask)
+        x = x + self.cross(self.ln_q(x), self.ln_kv(kv), kv_mask)
+        return x + self.mlp(self.ln_mlp(x))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Linears N(0, 1/fan_in) with zero bias, so every activation starts at unit scale.
+
+    nanoGPT's N(0, 0.02) left attention uniform and the video-dependent part of the residual
+    stream tiny next to what AdamW's first steps add: the reranker sat at loss ln 2.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=m.in_features**-0.5)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x [B, T, C] over the slots where mask [B, T] is True -> [B, C]."""
+    x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))  # padded slots may hold anything
+    return x.sum(1) / mask.sum(1, keepdim=True).to(x.dtype)
+
+
+def centre_patches(patch_tokens: torch.Tensor) -> torch.Tensor:
+    """Subtract each frame's mean patch token: [B, T, P, W] -> [B, T, P, W].
+
+    Last-block patch tokens of a frozen ViT are nearly identical within a frame (mean cosine
+    0.98); what tells one patch from another is the small residual around the frame's mean.
+    """
+    return patch_tokens - patch_tokens.mean(dim=-2, keepdim=True)
+
+
+# ----------------------------------------------------------------------------- first stage
+
+
+class FirstStage(nn.Module):
+    """Candidate selection: cosine similarity of projected, temporally pooled CLIP embeddings."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        E = config.embed_dim
+        self.video_proj = nn.Linear(E, E, bias=False)
+        self.text_proj = nn.Linear(E, E, bias=False)
+        if config.temporal == "transformer":
+            self.temporal_ln_in = nn.LayerNorm(E)
+            self.frame_pos = nn.Parameter(torch.zeros(config.frames, E))
+            self.temporal_blocks = nn.ModuleList(
+                SelfBlock(E, config.temporal_heads, config.mlp_ratio, config.dropout) for _ in range(config.temporal_layers)
+            )
+            self.temporal_ln_out = nn.LayerNorm(E)
+            self.temporal_out = nn.Linear(E, E)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Zero-shot CLIP exactly: identity projections, zero output of the temporal branch."""
+        _init_weights(self)
+        nn.init.eye_(self.video_proj.weight)
+        nn.init.eye_(self.text_proj.weight)
+        if self.config.temporal == "transformer":
+            nn.init.normal_(self.frame_pos, std=self.config.pos_init_std)
+            nn.init.zeros_(self.temporal_out.weight)
+            nn.init.zeros_(self.temporal_out.bias)
+        with torch.no_grad():
+            self.logit_scale.fill_(self.config.logit_scale_init)
+
+    def encode_video(self, frame_embeds: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Frame embeddings [B, T, E] and mask [B, T] -> unit-norm video embeddings [B, E]."""
+        x = self.video_proj(frame_embeds)  # [B, T, E]
+        if self.config.temporal == "transformer":
+            T = x.shape[1]
+            h = self.temporal_ln_in(x) + self.frame_pos[:T]  # CLIP embeddings are not normalised
+            for block in self.temporal_blocks:
+                h = block(h, frame_mask)
+            x = x + self.temporal_out(self.temporal_ln_out(h))  # residual as seqTransf; zero at init
+        x = F.normalize(x, dim=-1)
+        return F.normalize(masked_mean(x, frame_mask), dim=-1)  # [B, E]
+
+    def encode_text(self, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Caption embeddings [N, E] -> unit-norm [N, E]."""
+        return F.normalize(self.text_proj(text_embeds), dim=-1)
+
+    def forward(self, text_embeds: torch.Tensor, frame_embeds: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of every caption with every video: [N, B]."""
+        return self.encode_text(text_embeds) @ self.encode_video(frame_embeds, frame_mask).T
+
+    def scale(self) -> torch.Tensor:
+        """Learnable inverse temperature, clamped like CLIP's."""
+        return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+
+    def contrastive_loss(self, text_emb: torch.Tensor, video_emb: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE over a batch of N matching (caption, video) embeddings [N, E]."""
+        logits = self.scale() * text_emb.float() @ video_emb.float().T  # [N, N]
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+# ----------------------------------------------------------------------------- reranker
+
+
+class Reranker(nn.Module):
+    """Decoupled spatial/temporal cross attention from a caption's query set to a video."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        D, W = config.dim, config.patch_width
+        block = lambda: CrossBlock(D, config.heads, config.mlp_ratio, config.dropout)  # noqa: E731
+
+        # query set: projected text tokens + learnable queries
+        self.text_ln = nn.LayerNorm(config.text_width)
+        self.text_proj = nn.Linear(config.text_width, D)
+        self.queries = nn.Parameter(torch.zeros(config.n_queries, D))
+
+        # spatial stage: frame -> one frame token
+        if config.spatial in ("attention", "cls"):
+            self.cls_ln = nn.LayerNorm(W)
+            self.cls_proj = nn.Linear(W, D)
+        if config.spatial == "attention":
+            # keys: the centred patches (+ position, so left/right is visible) and the class token
+            self.patch_ln = nn.LayerNorm(W)
+            self.patch_proj = nn.Linear(W, D)
+            self.patch_pos = nn.Parameter(torch.zeros(config.patches, D))
+            self.spatial_blocks = nn.ModuleList(block() for _ in range(config.layers))
+        elif config.spatial == "flat":
+            self.flat_ln = nn.LayerNorm(W)
+            self.flat_mlp = nn.Sequential(nn.Linear(config.patches * W, D), nn.GELU(), nn.Linear(D, D))
+
+        # temporal stage: the query set attends across the frame tokens
+        self.frame_ln = nn.LayerNorm(D)
+        self.frame_pos = nn.Parameter(torch.zeros(config.frames, D))
+        if not config.share_attention:
+            self.temporal_blocks = nn.ModuleList(block() for _ in range(config.layers))
+
+        self.head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, 1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_weights(self)
+        # a zero head starts every logit at 0: its first gradient is the features' correlation with
+        # the label, instead of a push to silence random logits that also silenced the features
+        nn.init.zeros_(self.head[1].weight)
+        nn.init.normal_(self.queries, std=0.02)
+        nn.init.normal_(self.frame_pos, std=self.config.pos_init_std)
+        if self.config.spatial == "attention":
+            nn.init.normal_(self.patch_pos, std=self.config.pos_init_std)
+
+    def _temporal_blocks(self) -> nn.ModuleList:
+        # sharing by lookup, not by registering one module twice, keeps state_dict free of aliases
+        return self.spatial_blocks if self.config.share_attention else self.temporal_blocks
+
+    def encode_queries(self, text_tokens: torch.Tensor, text_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text tokens [B, L, Wt], lengths [B] -> query set [B, Q+L', D] and its mask [B, Q+L'].
+
+        L' = the longest caption in the batch: the padding past it would only cost compute.
+        """
+        B = text_tokens.shape[0]
+        L = int(text_lengths.max().clamp(min=1, max=text_tokens.shape[1]))
+        text = self.text_proj(self.text_ln(text_tokens[:, :L]))  # [B, L', D]
+        text_mask = torch.arange(L, device=text_tokens.device)[None, :] < text_lengths[:, None]  # [B, L']
+        learned = self.queries.to(text.dtype).expand(B, -1, -1)  # [B, Q, D]
+        queries = torch.cat([learned, text], dim=1)  # [B, Q+L', D]
+        mask = torch.cat([torch.ones(B, learned.shape[1], dtype=torch.bool, device=text_mask.device), text_mask], dim=1)
+        return queries, mask
+
+    def encode_frames(self, patch_tokens: torch.Tensor, cls_tokens: torch.Tensor) -> torch.Tensor:
+        """Caption-independent part of the spatial stage, reusable across captions.
+
+        'attention': keys [B, T, 1+P, D] (class token first, then the centred patches);
+        'cls' and 'flat': the frame tokens themselves [B, T, D].
+        """
+        spatial = self.config.spatial
+        if spatial == "cls":
+            return self.cls_proj(self.cls_ln(cls_tokens))  # [B, T, D]
+        centred = centre_patches(patch_tokens)  # [B, T, P, W]
+        if spatial == "flat":
+            return self.flat_mlp(self.flat_ln(centred).flatten(2))  # [B, T, P*W] -> [B, T, D]
+        P = patch_tokens.shape[2]
+        patches = self.patch_proj(self.patch_ln(centred)) + self.patch_pos[:P]  # [B, T, P, D]
+        cls = self.cls_proj(self.cls_ln(cls_tokens))  # [B, T, D]
+        return torch.cat([cls[:, :, None], patches], dim=2)  # [B, T, 1+P, D]
+
+    def frame_tokens(self, queries: torch.Tensor, query_mask: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Spatial cross attention: the query set attends to each frame's keys -> frame tokens [B, T, D]."""
+        if self.config.spatial != "attention":
+            return frames  # already [B, T, D]
+        B, T, M, D = frames.shape
+        N = queries.shape[1]
+        x = queries[:, None].expand(B, T, N, D).reshape(B * T, N, D)  # every frame gets its own copy
+        x_mask = query_mask[:, None].expand(B, T, N).reshape(B * T, N)
+        kv = frames.reshape(B * T, M, D)  # [B*T, 1+P, D]
+        for block in self.spatial_blocks:
+            x = block(x, x_mask, kv, None)  # [B*T, N, D]
+        return masked_mean(x, x_mask).view(B, T, D)  # every valid query's answer, pooled
+
+    def match(
+        self, queries: torch.Tensor, query_mask: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Query sets [B, Q+L, D] against encoded frames (see encode_frames) -> logits [B]."""
+        tokens = self.frame_tokens(queries, query_mask, frames)  # [B, T, D]
+        T = tokens.shape[1]
+        # LayerNorm + std-1 positions: without them the reranker collapsed and could not see order
+        kv = self.frame_ln(tokens) + self.frame_pos[:T].to(tokens.dtype)  # [B, T, D]
+        x = queries
+        for block in self._temporal_blocks():
+            x = block(x, query_mask, kv, frame_mask)  # [B, Q+L, D]
+        return self.head(masked_mean(x, query_mask)).squeeze(-1)  # [B]
+
+    def forward(
+        self,
+        text_tokens: torch.Tensor,
+        text_lengths: torch.Tensor,
+        patch_tokens: torch.Tensor,
+        cls_tokens: torch.Tensor,
+        frame_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One matching logit for each of B (caption, video) rows: [B]."""
+        queries, query_mask = self.encode_queries(text_tokens, text_lengths)
+        return self.match(queries, query_mask, self.encode_frames(patch_tokens, cls_tokens), frame_mask)
+
+    def score_candidates(
+        self,
+        text_tokens: torch.Tensor,
+        text_length: torch.Tensor | int,
+        patch_tokens: torch.Tensor,
+        cls_tokens: torch.Tensor,
+        frame_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One caption (tokens [L, Wt], length) against K candidate videos ([K, T, P, W], ...) -> logits [K].
+
+        The caption is encoded once and broadcast over the candidates.
+        """
+        K = patch_tokens.shape[0]
+        length = torch.as_tensor(text_length, device=text_tokens.device).reshape(1)
+        queries, query_mask = self.encode_queries(text_tokens[None], length)  # [1, Q+L, D]
+        frames = self.encode_frames(patch_tokens, cls_tokens)
+        return self.match(queries.expand(K, -1, -1), query_mask.expand(K, -1), frames, frame_mask)
+
+
+# ----------------------------------------------------------------------------- CrossTVR
+
+
+class CrossTVR(nn.Module):
+    """First stage + reranker, built from one ModelConfig.
+
+    Retrieval: the first stage's cosine picks the top_k candidates of a caption; the reranker
+    scores each candidate, and the final score combines both (see final_score).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.first_stage = FirstStage(config)
+        self.reranker = Reranker(config)
+
+    def final_score(
+        self, first_stage_cos: torch.Tensor, rerank_logit: torch.Tensor, weight: float | None = None
+    ) -> torch.Tensor:
+        """Final score = rerank_logit + first_stage_cos / weight (weight defaults to config.score_weight, 0.05).
+
+        The weight is a temperature on the cosine: 0.05 puts a cosine gap of 0.01 on the same
+        footing as a reranker logit gap of 0.2; a large weight lets the reranker decide alone.
+        """
+        weight = self.config.score_weight if weight is None else weight
+        return rerank_logit + first_stage_cos / weight
+
+    @staticmethod
+    def matching_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy over all pairs: positives labelled 1, negatives 0 (any shapes)."""
+        logits = torch.cat([pos_logits.flatten(), neg_logits.flatten()]).float()
+        labels = torch.cat([torch.ones_like(pos_logits.flatten()), torch.zeros_like(neg_logits.flatten())]).float()
+        return F.binary_cross_entropy_with_logits(logits, labels)
+
+    def num_params(self) -> dict[str, int]:
+        """Trainable parameter counts of each part and in total."""
+        count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+        return {"first_stage": count(self.first_stage), "reranker": count(self.reranker), "total": count(self)}

@@ -1,0 +1,287 @@
+"""Stage two: train the first stage and the reranker from cached tensors only (no decoding, no CLIP)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.cache import FeatureCache
+from pipeline.encoder import autocast, default_device
+from pipeline.errors import UserError
+from reranker.data import SplitFeatures
+from reranker.model import CrossTVR, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Options of `cli.py train-reranker`; saved resolved as config.json in the run folder."""
+
+    cache: str = ""
+    run: str = ""
+    split: str = "train"
+    val_split: str = "val"
+    epochs: int = 20
+    batch_size: int = 32  # captions (one per video) per step
+    hard_negatives: int = 2  # from the first stage's top candidates, the caption's own video excluded
+    lr: float = 2e-3  # reranker
+    first_stage_lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50  # steps; the hard-negative bank is refreshed at the same steps
+    top_k: int = 15  # for validation
+    seed: int = 0
+    temporal: str = "mean"
+    spatial: str = "attention"
+    share_attention: bool = False
+    dim: int = 256
+    n_queries: int = 4
+    heads: int = 4
+    layers: int = 1
+    allow_partial: bool = False
+
+
+def model_config_for(cache: FeatureCache, cfg: TrainConfig) -> ModelConfig:
+    """The model's widths come from the cache; the rest from the training options."""
+    a = cache.attrs
+    return ModelConfig(
+        embed_dim=a["embed_dim"], patch_width=a["patch_width"], text_width=a["text_width"], frames=a["frames"],
+        patches=a["num_patches"], temporal=cfg.temporal, spatial=cfg.spatial, share_attention=cfg.share_attention,
+        dim=cfg.dim, n_queries=cfg.n_queries, heads=cfg.heads, layers=cfg.layers,
+    )
+
+
+def cache_signature(cache: FeatureCache) -> dict:
+    """What a trained model depends on in its cache: evaluating on a cache that differs here is refused."""
+    keys = ("model", "pretrained", "pretrained_sha256", "frames", "image_size", "patch_layer", "max_text_tokens",
+            "num_patches", "patch_width", "text_width", "embed_dim")
+    return {k: cache.attrs[k] for k in keys}
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic write; the previous checkpoint is kept as <name>.prev as a fallback."""
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, path.with_suffix(".prev.pt"))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load with weights_only=True; a damaged file falls back to its .prev copy with a clear warning."""
+    for candidate in (path, path.with_suffix(".prev.pt")):
+        if not candidate.exists():
+            continue
+        try:
+            return torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated, corrupt or a pickled payload: all refused alike
+            log.warning("%s is damaged or unsafe (%s); refused", candidate, str(e).splitlines()[0][:120])
+    raise UserError(f"{path}: no loadable checkpoint (missing, damaged or not weights-only); retrain without --resume")
+
+
+def load_model(run: Path, which: str = "best") -> tuple[CrossTVR, dict]:
+    """A trained model from a run folder (best.pt or last.pt) and its run config."""
+    run = Path(run)
+    if not (run / "config.json").is_file():
+        raise UserError(f"{run}: not a training run (no config.json); pass --run the folder train-reranker wrote")
+    state = load_checkpoint(run / f"{which}.pt")
+    model = CrossTVR(ModelConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
+# -- the loop -------------------------------------------------------------------------------------
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _epoch_plan(feats: SplitFeatures, cfg: TrainConfig, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Batches of (video positions, one caption position per video), shuffled from (seed, epoch)."""
+    rng = np.random.default_rng([cfg.seed, epoch])
+    order = rng.permutation(feats.n_videos)
+    captions_of = [[] for _ in range(feats.n_videos)]
+    for t, v in enumerate(feats.text_video):
+        captions_of[v].append(t)
+    usable = order[[len(captions_of[v]) > 0 for v in order]]
+    steps = max(1, len(usable) // cfg.batch_size)
+    plan = []
+    for s in range(steps):
+        vids = usable[s * cfg.batch_size: (s + 1) * cfg.batch_size]
+        caps = np.array([captions_of[v][rng.integers(len(captions_of[v]))] for v in vids])
+        plan.append((vids, caps))
+    return plan
+
+
+@torch.no_grad()
+def video_bank(model: CrossTVR, feats: SplitFeatures, device: torch.device, block: int = 512) -> torch.Tensor:
+    """First-stage embeddings of every video of the split [V, E], streamed from the cache in blocks."""
+    parts = []
+    for lo in range(0, feats.n_videos, block):
+        fe, fm = feats.read_frame_embeds(np.arange(lo, min(lo + block, feats.n_videos)))
+        with autocast(device):
+            parts.append(model.first_stage.encode_video(fe.to(device), fm.to(device)).float().cpu())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def _mine_negatives(model, feats, bank, caps, vids, n_neg, device) -> np.ndarray:
+    """For each caption, its n_neg best-scoring videos under the current first stage, its own excluded."""
+    text = feats.read_texts(caps)["text_embeds"].to(device)
+    sims = model.first_stage.encode_text(text).float().cpu() @ bank.T  # [B, V]
+    sims[torch.arange(len(vids)), torch.from_numpy(vids)] = -math.inf
+    return sims.topk(n_neg, dim=1).indices.numpy()  # [B, n_neg]
+
+
+def _read_step(feats: SplitFeatures, vids: np.ndarray, caps: np.ndarray, negs: np.ndarray) -> dict:
+    """Everything one step needs, read from the cache (runs in a prefetch thread)."""
+    videos = np.concatenate([vids, negs.reshape(-1)])
+    return {"texts": feats.read_texts(caps), "videos": feats.read_videos(videos)}
+
+
+def _forward(model: CrossTVR, batch: dict, n_neg: int, device: torch.device) -> tuple[torch.Tensor, dict]:
+    B = batch["texts"]["text_tokens"].shape[0]
+    t = {k: v.to(device) for k, v in batch["texts"].items()}
+    v = {k: val.to(device) for k, val in batch["videos"].items()}
+    fs = model.first_stage
+    contrastive = fs.contrastive_loss(fs.encode_text(t["text_embeds"]),
+                                      fs.encode_video(v["frame_embeds"][:B], v["frame_mask"][:B]))
+    # pair rows: caption b with its own video, then with each of its negatives (video b*n_neg + j after B)
+    rows = torch.cat([torch.arange(B), torch.arange(B).repeat_interleave(n_neg)]).to(device)
+    logits = model.reranker(t["text_tokens"][rows], t["text_lengths"][rows], v["patch_tokens"], v["cls_tokens"],
+                            v["frame_mask"])
+    pos, neg = logits[:B], logits[B:].view(B, n_neg)
+    matching = model.matching_loss(pos, neg)
+    group = torch.cat([pos[:, None], neg], dim=1).float()
+    stats = {"contrastive": contrastive.item(), "matching": matching.item(),
+             "logit_spread": group.std(dim=1).mean().item(), "pos_above_negs": (pos[:, None] > neg).float().mean().item()}
+    return contrastive + matching, stats
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) a run; returns the run folder holding config.json, log.jsonl, last.pt and best.pt."""
+    from reranker.evaluate import evaluate_split
+
+    device = default_device()
+    run = Path(cfg.run or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if resume:
+        if not (run / "config.json").is_file():
+            raise UserError(f"{run}: nothing to resume (no config.json); start it without --resume")
+        saved = json.loads((run / "config.json").read_text())
+        cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
+    cache = FeatureCache(Path(cfg.cache))
+    feats = SplitFeatures.open(cache, cfg.split, cfg.allow_partial)
+    val = None
+    if cfg.val_split and cfg.val_split in set(cache.video_split().tolist()):
+        val = SplitFeatures.open(cache, cfg.val_split, cfg.allow_partial)
+    if cfg.hard_negatives < 1 or cfg.hard_negatives >= feats.n_videos:
+        raise UserError(f"--hard-negatives {cfg.hard_negatives}: need 1 <= N < {feats.n_videos} videos of '{cfg.split}'")
+    if feats.n_videos < 2 or feats.n_videos < min(cfg.batch_size, 2):
+        raise UserError(f"{cache.path}: split '{cfg.split}' has {feats.n_videos} video(s); training needs at least 2")
+    cfg.batch_size = min(cfg.batch_size, feats.n_videos)
+
+    torch.manual_seed(cfg.seed)
+    model = CrossTVR(model_config_for(cache, cfg)).to(device)
+    opt = torch.optim.AdamW([
+        {"params": model.first_stage.parameters(), "lr": cfg.first_stage_lr, "base_lr": cfg.first_stage_lr},
+        {"params": model.reranker.parameters(), "lr": cfg.lr, "base_lr": cfg.lr},
+    ], weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(_epoch_plan(feats, cfg, 0))
+    total = cfg.epochs * steps_per_epoch
+    step, best = 0, -1.0
+    run.mkdir(parents=True, exist_ok=True)
+    if resume:
+        state = load_checkpoint(run / "last.pt")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        step, best = state["step"], state["best"]
+        log.info("resuming %s at step %d of %d", run, step, total)
+    else:
+        (run / "config.json").write_text(json.dumps({**asdict(cfg), "run": str(run), "model": asdict(model.config)}, indent=2))
+    log.info("training on %d videos / %d captions of '%s', %d steps, device %s, params %s", feats.n_videos,
+             feats.n_texts, cfg.split, total, device, model.num_params())
+
+    def checkpoint(name: str) -> None:
+        save_checkpoint(run / name, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                     "best": best, "torch_rng": torch.get_rng_state(),
+                                     "model_config": asdict(model.config), "cache_signature": cache_signature(cache)})
+
+    logf = open(run / "log.jsonl", "a")
+    plans: dict[int, list] = {}
+
+    def plan_of(g: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, s = divmod(g, steps_per_epoch)
+        if epoch not in plans:
+            plans.clear()
+            plans[epoch] = _epoch_plan(feats, cfg, epoch)
+        return plans[epoch][s]
+
+    reader = ThreadPoolExecutor(1)
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress)
+    t0, samples, pending, negatives = time.time(), 0, {}, {}
+    while step < total:
+        if step % cfg.checkpoint_every == 0 or not negatives:
+            # Hard negatives for the next checkpoint_every steps are mined at once, from the first stage
+            # as it is now, at fixed steps (the checkpoint steps): a resumed run mines exactly the same ones.
+            model.eval()
+            bank = video_bank(model, feats, device)
+            upto = min(total, (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
+            negatives = {g: _mine_negatives(model, feats, bank, plan_of(g)[1], plan_of(g)[0], cfg.hard_negatives,
+                                            device) for g in range(step, upto)}
+        for g in (step, step + 1):  # read this step and prefetch the next while this one computes
+            if g in negatives and g not in pending:
+                pending[g] = reader.submit(_read_step, feats, *plan_of(g), negatives[g])
+        batch = pending.pop(step).result()
+        vids = plan_of(step)[0]
+        epoch = step // steps_per_epoch
+        model.train()
+        factor = _lr_factor(step, cfg.warmup_steps, total)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        with autocast(device):
+            loss, stats = _forward(model, batch, cfg.hard_negatives, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        samples += len(vids)
+        rate = samples / max(time.time() - t0, 1e-9)
+        logf.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(), **stats,
+                               "lr": cfg.lr * factor, "samples_per_s": rate}) + "\n")
+        bar.set_postfix(loss=f"{loss.item():.3f}", spread=f"{stats['logit_spread']:.3f}", sps=f"{rate:.0f}")
+        bar.update(1)
+        if step % steps_per_epoch == 0:
+            metrics = evaluate_split(model, val, min(cfg.top_k, val.n_videos), device)["two_stage"]["t2v"] if val else None
+            score = metrics["R@1"] if metrics else -loss.item()
+            logf.write(json.dumps({"epoch": epoch, "step": step, "val_two_stage_t2v": metrics}) + "\n")
+            if score > best:
+                best = score
+                checkpoint("best.pt")
+        if step % cfg.checkpoint_every == 0 or step == total:
+            logf.flush()
+            checkpoint("last.pt")  # only at bank-refresh steps: the state a resume needs to mine alike
+    bar.close()
+    logf.close()
+    reader.shutdown()
+    if not (run / "best.pt").exists():
+        checkpoint("best.pt")
+    return run

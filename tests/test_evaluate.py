@@ -1,0 +1,95 @@
+"""Evaluation: the JSON schema, two-stage ranking contract, saved matrices, refusals, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cli
+from pipeline.errors import UserError
+from reranker import metrics as M
+from reranker.evaluate import EvalConfig, run_evaluate
+from reranker.train import TrainConfig, train
+from tests.conftest import make_feature_cache
+
+KEYS = {"R@1", "R@5", "R@10", "MdR", "MnR"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    cache = make_feature_cache(tmp / "c.zarr", {"train": 12, "test": 10}, captions=3)
+    run = train(TrainConfig(cache=str(cache), run=str(tmp / "run"), epochs=2, batch_size=6, dim=32, heads=2,
+                            n_queries=2, val_split=""), progress=False)
+    return tmp, cache, run
+
+
+def test_json_schema_and_saved_matrices_reproduce_it(trained):
+    tmp, cache, run = trained
+    results, where = run_evaluate(EvalConfig(cache=cache, run=run, top_k=4, out=tmp / "m.json", save_sims=tmp / "sims"))
+    saved = json.loads((tmp / "m.json").read_text())
+    assert saved == results
+    assert set(saved) == {"split", "n_videos", "n_texts", "top_k", "first_stage", "two_stage"}
+    assert (saved["split"], saved["n_videos"], saved["n_texts"], saved["top_k"]) == ("test", 10, 30, 4)
+    for stage in ("first_stage", "two_stage"):
+        assert set(saved[stage]) == {"t2v", "v2t"} and set(saved[stage]["t2v"]) == KEYS
+    first = np.load(tmp / "sims" / "first_stage_sims.npy")
+    two = np.load(tmp / "sims" / "two_stage_sims.npy")
+    two_v2t = np.load(tmp / "sims" / "two_stage_v2t_sims.npy")
+    truth = np.load(tmp / "sims" / "text_to_video.npy")
+    assert first.dtype == np.float32 and first.shape == two.shape == two_v2t.shape == (30, 10)
+    assert truth.dtype == np.int64 and truth.tolist() == np.repeat(np.arange(10), 3).tolist()
+    assert M.t2v_metrics(first, truth) == saved["first_stage"]["t2v"]
+    assert M.v2t_metrics(first, truth, 10) == saved["first_stage"]["v2t"]
+    assert M.t2v_metrics(two, truth) == saved["two_stage"]["t2v"]
+    assert M.v2t_metrics(two_v2t, truth, 10) == saved["two_stage"]["v2t"]
+    # two-stage: the top-K first-stage candidates sit above every other video, the rest keep first-stage order
+    cand = M.topk_candidates(first, 4)
+    for q in range(30):
+        others = np.setdiff1d(np.arange(10), cand[q])
+        assert two[q, cand[q]].min() > two[q, others].max()
+        order_first = others[np.argsort(-first[q, others], kind="stable")]
+        assert np.all(np.diff(two[q, order_first]) <= 0)
+    assert (tmp / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(where["seconds"]) == {"first_stage", "two_stage"}
+
+
+def test_zero_shot_equals_raw_clip_cosine(trained):
+    tmp, cache, _ = trained
+    results, _ = run_evaluate(EvalConfig(cache=cache, zero_shot=True, out=tmp / "zs.json", save_sims=tmp / "zs"))
+    assert "two_stage" not in results
+    from pipeline.cache import FeatureCache
+    from reranker.data import SplitFeatures
+
+    feats = SplitFeatures.open(FeatureCache(cache), "test")
+    fe, fm = feats.read_frame_embeds(np.arange(feats.n_videos))
+    frames = fe.numpy() / np.linalg.norm(fe.numpy(), axis=-1, keepdims=True)
+    video = frames.mean(axis=1)
+    video /= np.linalg.norm(video, axis=-1, keepdims=True)
+    text = feats.all_text_embeds().numpy()
+    text /= np.linalg.norm(text, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.load(tmp / "zs" / "first_stage_sims.npy"), text @ video.T, atol=1e-5)
+
+
+def test_refusals(trained, tmp_path):
+    tmp, cache, run = trained
+    with pytest.raises(UserError, match="--top-k 11: split 'test' has only 10"):
+        run_evaluate(EvalConfig(cache=cache, run=run, top_k=11))
+    with pytest.raises(UserError, match="split 'val' has no videos"):
+        run_evaluate(EvalConfig(cache=cache, run=run, split="val"))
+    other = make_feature_cache(tmp_path / "o.zarr", {"test": 5}, frames=6)
+    with pytest.raises(UserError, match="trained on a cache with frames=4"):
+        run_evaluate(EvalConfig(cache=other, run=run, top_k=3))
+
+
+def test_cli_prints_the_table(trained):
+    tmp, cache, run = trained
+    result = CliRunner().invoke(cli.main, ["evaluate", "--cache", str(cache), "--run", str(run), "--top-k", "3",
+                                           "--out", str(tmp / "cli.json")])
+    assert result.exit_code == 0, result.output
+    assert "first_stage" in result.output and "two_stage" in result.output and "cli.png" in result.output
+    bad = CliRunner().invoke(cli.main, ["evaluate", "--cache", str(cache), "--run", str(run), "--top-k", "50"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: --top-k 50")

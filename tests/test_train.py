@@ -1,0 +1,109 @@
+"""Stage two: training from the cache only, checkpoints, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from reranker.train import TrainConfig, load_checkpoint, load_model, save_checkpoint, train
+from tests.conftest import make_feature_cache
+
+
+def _cfg(cache, run, **kw) -> TrainConfig:
+    base = dict(cache=str(cache), run=str(run), epochs=4, batch_size=8, hard_negatives=2, dim=32, heads=2,
+                n_queries=2, checkpoint_every=3, warmup_steps=2, top_k=5)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return make_feature_cache(tmp_path / "c.zarr", {"train": 16, "val": 6, "test": 6})
+
+
+def _log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_reads_only_the_cache_and_the_loss_decreases(cache, tmp_path, monkeypatch):
+    import pipeline.decode
+    import pipeline.encoder
+
+    def forbidden(*a, **k):
+        raise AssertionError("training must not decode videos or run the encoder")
+
+    monkeypatch.setattr(pipeline.decode, "decode_video", forbidden)
+    monkeypatch.setattr(pipeline.encoder.FrozenEncoder, "__init__", forbidden)
+    run = train(_cfg(cache, tmp_path / "run", epochs=12), progress=False)
+    steps = [r for r in _log(run) if "loss" in r]
+    assert len(steps) == 12 * 2  # 16 train videos / batch 8 = 2 steps per epoch
+    first, last = np.mean([s["loss"] for s in steps[:4]]), np.mean([s["loss"] for s in steps[-4:]])
+    assert last < first - 0.1, (first, last)
+    assert all(k in steps[0] for k in ("contrastive", "matching", "lr", "logit_spread", "samples_per_s"))
+    val = [r for r in _log(run) if "val_two_stage_t2v" in r]
+    assert len(val) == 12 and set(val[0]["val_two_stage_t2v"]) == {"R@1", "R@5", "R@10", "MdR", "MnR"}
+    for name in ("config.json", "last.pt", "best.pt"):
+        assert (run / name).is_file()
+    assert json.loads((run / "config.json").read_text())["hard_negatives"] == 2
+
+
+def test_resume_after_a_kill_gives_the_same_weights(cache, tmp_path, monkeypatch):
+    full = train(_cfg(cache, tmp_path / "full"), progress=False)
+    import reranker.train as T
+
+    original = T._forward
+    calls = {"n": 0}
+
+    def killed_at_step_five(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(T, "_forward", killed_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(cache, tmp_path / "killed"), progress=False)
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["step"] == 3  # the last checkpoint before the kill
+    monkeypatch.setattr(T, "_forward", original)
+    train(TrainConfig(run=str(tmp_path / "killed")), resume=True, progress=False)
+    a = load_checkpoint(full / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "killed" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_damaged_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+    save_checkpoint(path, {"step": 2})
+    path.write_bytes(path.read_bytes()[:20])  # truncated
+    assert load_checkpoint(path)["step"] == 1
+    assert "damaged" in caplog.text
+
+
+def test_checkpoint_with_pickled_payload_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "PWNED"), "w"))
+
+    torch.save({"model": Payload()}, tmp_path / "last.pt")
+    with pytest.raises(UserError, match="no loadable checkpoint"):
+        load_checkpoint(tmp_path / "last.pt")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_refusals(tmp_path):
+    partial = make_feature_cache(tmp_path / "p.zarr", {"train": 6}, finish=False)
+    with pytest.raises(UserError, match="extraction unfinished.*--allow-partial"):
+        train(_cfg(partial, tmp_path / "r1"), progress=False)
+    no_train = make_feature_cache(tmp_path / "t.zarr", {"test": 6})
+    with pytest.raises(UserError, match="split 'train' has no videos"):
+        train(_cfg(no_train, tmp_path / "r2"), progress=False)
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(TrainConfig(run=str(tmp_path / "absent")), resume=True, progress=False)
+    with pytest.raises(UserError, match="not a training run"):
+        load_model(tmp_path)
