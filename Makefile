@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_DIR ?= demo
+DEMO_VIDEOS ?= 1000
 
 .PHONY: setup test demo bench clean
 
@@ -17,11 +17,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+# Synthetic set -> cache with the shipped tiny encoder -> reranker -> metrics; re-running resumes/skips work.
 demo: setup
-
-	$(PY) cli.py extract --dataset msvd --data-root ../shared/real-data/msvd --cache cache/msvd/demo.zarr
-	$(PY) cli.py info --cache cache/msvd/demo.zarr
-	@echo "demo: train-reranker and evaluate are not built yet (issues 4 and 5); the cache above is what exists."
+	$(PY) cli.py make-synthetic --out data/synthetic --videos $(DEMO_VIDEOS)
+	$(PY) cli.py extract --dataset synthetic --data-root data/synthetic --cache cache/synthetic/demo.zarr
+	$(PY) cli.py train-reranker --cache cache/synthetic/demo.zarr --run runs/demo $(if $(wildcard runs/demo/last.pt),--resume,)
+	$(PY) cli.py evaluate --cache cache/synthetic/demo.zarr --run runs/demo --split test
+	@echo "demo: cache cache/synthetic/demo.zarr, run runs/demo, report runs/demo/eval_test.json"
 
 clean:
 	rm -rf $(VENV) cache/*/ runs/ data/synthetic

@@ -199,5 +199,23 @@ def evaluate(cache, run, split, top_k, out, save_sims, zero_shot) -> None:
     click.echo(f"metrics {where['json']}\nplot    {where['plot']}")
 
 
+@main.command()
+@click.argument("query")
+@click.option("--cache", type=click.Path(path_type=Path), help="Cache folder [default: the most recent one].")
+@click.option("--run", type=click.Path(path_type=Path), required=True, help="A train-reranker run folder.")
+@click.option("--top", default=10, show_default=True, help="Videos to print.")
+@click.option("--top-k", default=15, show_default=True, help="Candidates re-scored by the reranker.")
+@_friendly
+def search(query, cache, run, top, top_k) -> None:
+    """Rank the cached videos for a text QUERY with both stages."""
+    from reranker.search import search as run_search
+
+    hits = run_search(_resolve_cache(cache), run, query, top=top, top_k=top_k)
+    click.echo(f"{'rank':>4}  {'final':>8}  {'cosine':>7}  video")
+    for rank, hit in enumerate(hits, 1):
+        final = f"{hit.final:8.3f}" if hit.final is not None else f"{'-':>8}"
+        click.echo(f"{rank:>4}  {final}  {hit.first_stage:7.3f}  {hit.video}  ({hit.path})")
+
+
 if __name__ == "__main__":
     main()

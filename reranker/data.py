@@ -37,13 +37,13 @@ class SplitFeatures:
     text_video: np.ndarray  # for each caption of the split, the position of its video in `videos`
 
     @classmethod
-    def open(cls, cache: FeatureCache, split: str, allow_partial: bool = False) -> "SplitFeatures":
-        """The split's features; refuses a missing split, missing arrays or unfinished extraction."""
+    def open(cls, cache: FeatureCache, split: str | None, allow_partial: bool = False) -> "SplitFeatures":
+        """The split's features (split None: every video); refuses a missing split, arrays or unfinished extraction."""
         missing = [a for a in VIDEO_ARRAYS + TEXT_ARRAYS if a not in cache.group]
         if missing:
             raise UserError(f"{cache.path}: cache lacks {', '.join(missing)} needed here; re-extract it with this version")
         splits = cache.video_split()
-        in_split = np.flatnonzero(splits == split)
+        in_split = np.flatnonzero(splits == split) if split else np.arange(len(splits))
         if len(in_split) == 0:
             have = ", ".join(sorted(set(splits.tolist()))) or "none"
             raise UserError(f"{cache.path}: split '{split}' has no videos (splits here: {have}); pick another --split")

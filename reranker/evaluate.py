@@ -120,7 +120,8 @@ class EvalConfig:
     zero_shot: bool = False
 
 
-def _check_compatible(trained_on: dict, cache: FeatureCache, run: Path) -> None:
+def check_compatible(trained_on: dict, cache: FeatureCache, run: Path) -> None:
+    """Refuse a run trained on a cache made with another model, weights or dimensions."""
     here = cache_signature(cache)
     for key, value in trained_on.items():
         if here.get(key) != value:
@@ -145,7 +146,7 @@ def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
         if cfg.run is None:
             raise UserError("evaluate needs --run DIR (a train-reranker run) or --zero-shot")
         model, state = load_model(cfg.run)
-        _check_compatible(state["cache_signature"], cache, cfg.run)
+        check_compatible(state["cache_signature"], cache, cfg.run)
     feats = SplitFeatures.open(cache, cfg.split)
     ev = _evaluate(model, feats, cfg.top_k, default_device(), cfg.zero_shot)
     out = Path(cfg.out) if cfg.out else (Path(cfg.run) if cfg.run else Path(cfg.cache).parent) / f"eval_{cfg.split}.json"

@@ -186,6 +186,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             raise UserError(f"{run}: nothing to resume (no config.json); start it without --resume")
         saved = json.loads((run / "config.json").read_text())
         cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
+    elif (run / "last.pt").exists():
+        raise UserError(f"{run}: a run is already there; pass --resume to continue it or another --run")
     cache = FeatureCache(Path(cfg.cache))
     feats = SplitFeatures.open(cache, cfg.split, cfg.allow_partial)
     val = None

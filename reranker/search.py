@@ -1,0 +1,68 @@
+"""`cli.py search`: a free-text query through the frozen text encoder, then both stages over the cached videos."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.cache import FeatureCache
+from pipeline.encoder import FrozenEncoder, autocast, default_device
+from pipeline.errors import UserError
+from reranker.data import SplitFeatures
+from reranker.evaluate import check_compatible
+from reranker.train import load_model, video_bank
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One ranked video: its id and path, the first-stage cosine and the final two-stage score (None outside top-K)."""
+
+    video: str
+    path: str
+    first_stage: float
+    final: float | None
+
+
+def query_encoder(cache: FeatureCache) -> FrozenEncoder:
+    """The frozen text encoder the cache was built with; refused when those weights cannot be had again."""
+    a = cache.attrs
+    if not a["pretrained"]:
+        raise UserError(f"{cache.path}: built with random encoder weights, which cannot be reproduced to encode a "
+                        "query; rebuild the cache with --pretrained (or the shipped default weights)")
+    encoder = FrozenEncoder(a["model"], a["pretrained"], patch_layer=a["patch_layer"], max_text_tokens=a["max_text_tokens"])
+    if encoder.info.pretrained_sha256 != a["pretrained_sha256"]:
+        raise UserError(f"{a['pretrained']}: checkpoint differs from the one {cache.path} was built with; "
+                        "pass the same weights or rebuild the cache")
+    return encoder
+
+
+@torch.no_grad()
+def search(cache_path: Path, run: Path, query: str, top: int = 10, top_k: int = 15) -> list[Hit]:
+    """Rank every extracted video of the cache for a text query: first stage, then top-K re-scored."""
+    cache = FeatureCache(cache_path)
+    model, state = load_model(run)
+    check_compatible(state["cache_signature"], cache, run)
+    feats = SplitFeatures.open(cache, None, allow_partial=True)
+    device = default_device()
+    model = model.to(device)
+    tokens, lengths, emb = query_encoder(cache).encode_captions([query])
+    bank = video_bank(model, feats, device)  # [V, E]
+    with autocast(device):
+        first = (model.first_stage.encode_text(emb.to(device)).float().cpu() @ bank.T)[0]  # [V]
+    k = min(top_k, feats.n_videos)
+    candidates = first.topk(k).indices.numpy()
+    v = {name: t.to(device) for name, t in feats.read_videos(candidates).items()}
+    with autocast(device):
+        logits = model.reranker.score_candidates(tokens[0].to(device), int(lengths[0]), v["patch_tokens"],
+                                                 v["cls_tokens"], v["frame_mask"]).float().cpu()
+    final = model.final_score(first[candidates].double(), logits.double()).numpy()
+    ranked = list(candidates[np.argsort(-final, kind="stable")])
+    rest = np.argsort(-first.numpy(), kind="stable")
+    ranked += [i for i in rest[: top + k] if i not in set(candidates)]
+    final_of = dict(zip(candidates.tolist(), final.tolist()))
+    ids, paths = cache["video_ids"], cache["video_paths"]
+    return [Hit(str(ids[feats.videos[i]]), str(paths[feats.videos[i]]), float(first[i]), final_of.get(int(i)))
+            for i in ranked[:top]]

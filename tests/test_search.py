@@ -1,0 +1,50 @@
+"""`search`: a free-text query through the cache's own frozen text encoder, then both stages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import cli
+from pipeline.cache import FeatureCache
+from pipeline.encoder import DEFAULT_MODEL, FrozenEncoder
+from pipeline.errors import UserError
+from pipeline.extract import ExtractConfig, run_extract
+from reranker.search import search
+from reranker.train import TrainConfig, train
+
+
+@pytest.fixture
+def setup(tiny_dataset, tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in FrozenEncoder(DEFAULT_MODEL).model.state_dict().items()}, str(weights))
+    cache = run_extract(ExtractConfig(dataset="manifest", data_root=tiny_dataset, cache=tmp_path / "c.zarr",
+                                      pretrained=str(weights), progress=False)).cache
+    run = train(TrainConfig(cache=str(cache), run=str(tmp_path / "run"), split="test", val_split="", epochs=1,
+                            batch_size=2, hard_negatives=1, dim=32, heads=2, n_queries=2), progress=False)
+    return cache, run, weights
+
+
+def test_search_ranks_candidates_first_by_final_score(setup):
+    cache, run, _ = setup
+    hits = search(cache, run, "clip number 3 with noise", top=5, top_k=2)
+    assert len(hits) == 5 and len({h.video for h in hits}) == 5
+    assert [h.final is not None for h in hits] == [True, True, False, False, False]
+    assert hits[0].final >= hits[1].final
+    assert hits[2].first_stage >= hits[3].first_stage >= hits[4].first_stage
+    ids = FeatureCache(cache).video_ids().tolist()
+    assert all(h.video in ids and h.path.endswith(h.video) for h in hits)
+    result = CliRunner().invoke(cli.main, ["search", "clip number 3", "--cache", str(cache), "--run", str(run), "--top", "3"])
+    assert result.exit_code == 0, result.output
+    assert len(result.output.strip().splitlines()) == 4
+
+
+def test_search_refuses_other_weights(setup):
+    cache, run, weights = setup
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(UserError, match="differs from the one"):
+        search(cache, run, "anything")
