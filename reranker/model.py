@@ -7,8 +7,9 @@ Everything here works on the frozen CLIP outputs stored in the cache, never on p
   At initialisation it IS zero-shot CLIP retrieval (identity projections, zero residual branch).
 - Reranker: the query set (the caption's text tokens plus a few learnable queries) first attends
   to the patch tokens of each frame separately (spatial cross attention -> one token per frame),
-  then across the frame tokens (temporal cross attention), and a matching head gives one logit
-  per (caption, video) pair.
+  then across the frame tokens (temporal cross attention), and a matching head on the pooled
+  query set gives one logit per (caption, video) pair. The head starts at zero, so a fresh
+  reranker's matching loss is exactly ln 2: that is the start, not a collapse.
 - CrossTVR: both, built from one ModelConfig, with the final score and the matching loss.
 
 Shape letters: B pairs or videos, N captions, T frame slots, P patches per frame (no CLS),
@@ -352,7 +353,11 @@ class Reranker(nn.Module):
     def match(
         self, queries: torch.Tensor, query_mask: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Query sets [B, Q+L, D] against encoded frames (see encode_frames) -> logits [B]."""
+        """Query sets [B, Q+L, D] against encoded frames (see encode_frames) -> logits [B].
+
+        Frame tokens and the head both read the mean over the valid query set: every text token's
+        answer reaches the logit directly, which learned faster than reading one learnable query.
+        """
         tokens = self.frame_tokens(queries, query_mask, frames)  # [B, T, D]
         T = tokens.shape[1]
         # LayerNorm + std-1 positions: without them the reranker collapsed and could not see order
