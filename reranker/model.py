@@ -149,13 +149,20 @@ class CrossBlock(nn.Module):
         self.ln_mlp = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, dropout)
 
+    def talk(self, x: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        """Self attention within the query set."""
+        h = self.ln_self(x)
+        return x + self.self_attn(h, h, query_mask)
+
+    def look(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
+        """Cross attention to the keys, then the MLP."""
+        x = x + self.cross(self.ln_q(x), self.ln_kv(kv), kv_mask)
+        return x + self.mlp(self.ln_mlp(x))
+
     def forward(
         self, x: torch.Tensor, query_mask: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        h = self.ln_self(x)
-        x = x + self.self_attn(h, h, query_mask)
-        x = x + self.cross(self.ln_q(x), self.ln_kv(kv), kv_mask)
-        return x + self.mlp(self.ln_mlp(x))
+        return self.look(self.talk(x, query_mask), kv, kv_mask)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -343,11 +350,16 @@ class Reranker(nn.Module):
             return frames  # already [B, T, D]
         B, T, M, D = frames.shape
         N = queries.shape[1]
-        x = queries[:, None].expand(B, T, N, D).reshape(B * T, N, D)  # every frame gets its own copy
-        x_mask = query_mask[:, None].expand(B, T, N).reshape(B * T, N)
         kv = frames.reshape(B * T, M, D)  # [B*T, 1+P, D]
-        for block in self.spatial_blocks:
-            x = block(x, x_mask, kv, None)  # [B*T, N, D]
+        x_mask = query_mask[:, None].expand(B, T, N).reshape(B * T, N)
+        # The first block's self attention sees the same query set for every frame: compute it once
+        # per pair, then give every frame its own copy (the spatial stage's main cost otherwise).
+        x = self.spatial_blocks[0].talk(queries, query_mask)  # [B, N, D]
+        x = x[:, None].expand(B, T, N, D).reshape(B * T, N, D)
+        for i, block in enumerate(self.spatial_blocks):
+            if i > 0:
+                x = block.talk(x, x_mask)
+            x = block.look(x, kv, None)  # [B*T, N, D]
         return masked_mean(x, x_mask).view(B, T, D)  # every valid query's answer, pooled
 
     def match(
