@@ -175,11 +175,40 @@ def _forward(model: CrossTVR, batch: dict, n_neg: int, device: torch.device) -> 
     return contrastive + matching, stats
 
 
+def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA; else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
+def _average_gradients(model: torch.nn.Module, world: int) -> None:
+    """Data parallelism: every rank steps with the mean of all ranks' gradients (what DDP's all-reduce does)."""
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train (or resume) a run; returns the run folder holding config.json, log.jsonl, last.pt and best.pt."""
+    """Train (or resume) a run; returns the run folder holding config.json, log.jsonl, last.pt and best.pt.
+
+    Under torchrun every rank takes its share of each step's batch and gradients are averaged across
+    ranks; rank 0 alone validates and writes the log and checkpoints.
+    """
     from reranker.evaluate import evaluate_split
 
-    device = default_device()
+    rank, world, device = _distributed(default_device())
     run = Path(cfg.run or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if resume:
         if not (run / "config.json").is_file():
@@ -198,6 +227,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if feats.n_videos < 2 or feats.n_videos < min(cfg.batch_size, 2):
         raise UserError(f"{cache.path}: split '{cfg.split}' has {feats.n_videos} video(s); training needs at least 2")
     cfg.batch_size = min(cfg.batch_size, feats.n_videos)
+    if cfg.batch_size < world:
+        raise UserError(f"--batch-size {cfg.batch_size} is smaller than the {world} torchrun processes")
 
     torch.manual_seed(cfg.seed)
     model = CrossTVR(model_config_for(cache, cfg)).to(device)
@@ -208,7 +239,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     steps_per_epoch = len(_epoch_plan(feats, cfg, 0))
     total = cfg.epochs * steps_per_epoch
     step, best = 0, -1.0
-    run.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
     if resume:
         state = load_checkpoint(run / "last.pt")
         model.load_state_dict(state["model"])
@@ -216,28 +248,32 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         torch.set_rng_state(state["torch_rng"])
         step, best = state["step"], state["best"]
         log.info("resuming %s at step %d of %d", run, step, total)
-    else:
+    elif rank == 0:
         (run / "config.json").write_text(json.dumps({**asdict(cfg), "run": str(run), "model": asdict(model.config)}, indent=2))
     log.info("training on %d videos / %d captions of '%s', %d steps, device %s, params %s", feats.n_videos,
              feats.n_texts, cfg.split, total, device, model.num_params())
 
     def checkpoint(name: str) -> None:
+        if rank != 0:
+            return
         save_checkpoint(run / name, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                      "best": best, "torch_rng": torch.get_rng_state(),
                                      "model_config": asdict(model.config), "cache_signature": cache_signature(cache)})
 
-    logf = open(run / "log.jsonl", "a")
+    logf = open(run / "log.jsonl", "a") if rank == 0 else open(os.devnull, "w")
     plans: dict[int, list] = {}
 
     def plan_of(g: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's share of step g's batch: (video positions, caption positions)."""
         epoch, s = divmod(g, steps_per_epoch)
         if epoch not in plans:
             plans.clear()
             plans[epoch] = _epoch_plan(feats, cfg, epoch)
-        return plans[epoch][s]
+        vids, caps = plans[epoch][s]
+        return vids[rank::world], caps[rank::world]
 
     reader = ThreadPoolExecutor(1)
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress or rank != 0)
     t0, samples, pending, negatives = time.time(), 0, {}, {}
     while step < total:
         if step % cfg.checkpoint_every == 0 or not negatives:
@@ -262,6 +298,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             loss, stats = _forward(model, batch, cfg.hard_negatives, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            _average_gradients(model, world)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
@@ -271,7 +309,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                                "lr": cfg.lr * factor, "samples_per_s": rate}) + "\n")
         bar.set_postfix(loss=f"{loss.item():.3f}", spread=f"{stats['logit_spread']:.3f}", sps=f"{rate:.0f}")
         bar.update(1)
-        if step % steps_per_epoch == 0:
+        if step % steps_per_epoch == 0 and rank == 0:
             metrics = evaluate_split(model, val, min(cfg.top_k, val.n_videos), device)["two_stage"]["t2v"] if val else None
             score = metrics["R@1"] if metrics else -loss.item()
             logf.write(json.dumps({"epoch": epoch, "step": step, "val_two_stage_t2v": metrics}) + "\n")
@@ -286,4 +324,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     reader.shutdown()
     if not (run / "best.pt").exists():
         checkpoint("best.pt")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # no rank returns before rank 0 has written the final checkpoints
     return run

@@ -107,3 +107,22 @@ def test_refusals(tmp_path):
         train(TrainConfig(run=str(tmp_path / "absent")), resume=True, progress=False)
     with pytest.raises(UserError, match="not a training run"):
         load_model(tmp_path)
+
+
+def test_two_process_gloo_run_takes_the_expected_steps(cache, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "--",
+           str(root / "cli.py"), "train-reranker", "--cache", str(cache), "--run", str(run), "--epochs", "3",
+           "--batch-size", "8", "--checkpoint-every", "4"]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [r for r in _log(run) if "loss" in r]
+    assert [s["step"] for s in steps] == list(range(1, 3 * 2 + 1))  # 16 videos / batch 8 = 2 steps a epoch
+    assert load_checkpoint(run / "last.pt")["step"] == 6
