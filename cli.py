@@ -69,17 +69,20 @@ def _resolve_cache(cache: Path | None) -> Path:
 @click.option("--shard", default=None, help="I/N: process a disjoint slice [default: RANK/WORLD_SIZE under torchrun].")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache and rebuild it.")
 @click.option("--strict", is_flag=True, help="Exit non-zero when a video could not be decoded.")
+@click.option("--repair", is_flag=True, help="Re-read every finished chunk and redo the videos/captions found damaged.")
 @_friendly
 def extract(dataset, data_root, cache, model, pretrained, frames, patch_layer, max_text_tokens, batch_videos, workers,
-            shard, overwrite, strict) -> None:
+            shard, overwrite, strict, repair) -> None:
     """Stage one: decode each video once, run the frozen encoder once, store features in a Zarr cache."""
     from pipeline.encoder import DEFAULT_MODEL
     from pipeline.extract import ExtractConfig, run_extract
 
     cfg = ExtractConfig(dataset=dataset, data_root=data_root, cache=cache, model=model or DEFAULT_MODEL,
                         pretrained=pretrained, frames=frames, patch_layer=patch_layer, max_text_tokens=max_text_tokens,
-                        batch_videos=batch_videos, workers=workers, shard=shard, overwrite=overwrite)
+                        batch_videos=batch_videos, workers=workers, shard=shard, overwrite=overwrite, repair=repair)
     summary = run_extract(cfg)
+    if repair:
+        click.echo(f"repaired {len(summary.repaired)} damaged video(s)/caption chunk(s)")
     click.echo(f"cache {summary.cache}: {summary.videos_done}/{summary.videos_total} videos done, {summary.texts} captions")
     if summary.failed:
         click.echo(f"{len(summary.failed)} video(s) could not be decoded:")
@@ -92,14 +95,18 @@ def extract(dataset, data_root, cache, model, pretrained, frames, patch_layer, m
 @main.command()
 @click.option("--cache", type=click.Path(path_type=Path), help="Cache folder [default: the most recent one].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--verify", is_flag=True, help="Read every finished chunk back and list damaged ones (exit 1 if any).")
 @_friendly
-def info(cache, as_json) -> None:
+def info(cache, as_json, verify) -> None:
     """Videos done/total, captions, shapes, model, splits, failures and size of a cache."""
     from pipeline.cache import FeatureCache
 
-    facts = FeatureCache(_resolve_cache(cache)).describe()
+    facts = FeatureCache(_resolve_cache(cache)).describe(verify=verify)
+    damaged = facts.get("damaged", [])
     if as_json:
         click.echo(json.dumps(facts, indent=2))
+        if damaged:
+            sys.exit(1)
         return
     click.echo(f"cache        {facts['cache']} ({facts['bytes'] / 2**20:.1f} MiB)")
     click.echo(f"dataset      {facts['dataset']}")
@@ -114,6 +121,14 @@ def info(cache, as_json) -> None:
         click.echo(f"array {name:<13} {a['shape']} {a['dtype']}")
     for f in facts["failed"]:
         click.echo(f"failed       {f['video']}: {f['reason']}")
+    if verify:
+        for d in damaged:
+            what = d["video"] if "video" in d else f"captions {d['captions'][0]}-{d['captions'][1] - 1}"
+            click.echo(f"damaged      {what}: {d['reason']}")
+        click.echo(f"verified     {len(damaged)} damaged"
+                   + ("; re-run your extract command with --repair to redo them" if damaged else ""))
+        if damaged:
+            sys.exit(1)
 
 
 @main.command("export-h5")

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ COMPRESSORS = {
     "blosc-lz4": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=2),
 }
 DEFAULT_COMPRESSION = "blosc-lz4"
+VIDEO_FEATURES = ("patch_tokens", "cls_tokens", "frame_embeds", "frame_mask")
 
 # Cache metadata that must match the request for an existing cache to be reused.
 _MATCH_KEYS = ("schema_version", "model", "pretrained", "pretrained_sha256", "frames", "image_size",
@@ -87,6 +89,10 @@ class CacheSpec:
         }
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
 def records_fingerprint(records: list[VideoRecord]) -> str:
     """A digest of ids, captions and splits, so a cache is never reused for a different video list."""
     digest = hashlib.sha256()
@@ -96,10 +102,27 @@ def records_fingerprint(records: list[VideoRecord]) -> str:
 
 
 class DurableStore(LocalStore):
-    """A LocalStore whose every write is atomic and durable: temp file, fsync, rename, fsync directory."""
+    """A LocalStore whose every write is atomic and durable: temp file, fsync, rename, fsync directory.
+
+    Reads of Blosc chunks are checked against the Blosc header first: Blosc decompresses a truncated
+    chunk without noticing (reading past its end), which would turn a torn file into silent garbage.
+    """
+
+    blosc_chunk_bytes: dict[str, int] = {}  # array name -> uncompressed chunk size, set by FeatureCache
 
     async def set(self, key: str, value) -> None:
         await asyncio.to_thread(_durable_write, self.root / key, value.as_buffer_like())
+
+    async def get(self, key: str, prototype=None, byte_range=None):
+        buf = await super().get(key, prototype, byte_range)
+        expected = self.blosc_chunk_bytes.get(key.split("/", 1)[0])
+        if buf is not None and expected and byte_range is None and "/c/" in key:
+            raw = buf.as_numpy_array()
+            nbytes, _, cbytes = struct.unpack_from("<III", raw[:16].tobytes().ljust(16, b"\0"), 4)
+            if len(raw) < 16 or cbytes != len(raw) or nbytes != expected:
+                raise ValueError(f"{key}: damaged Blosc chunk ({len(raw)} bytes on disk, header says {cbytes} "
+                                 f"compressed / {nbytes} raw, expected {expected} raw)")
+        return buf
 
 
 def _durable_write(path: Path, data) -> None:
@@ -185,6 +208,22 @@ class FeatureCache:
                 f"{self.path}: cache schema version {self.attrs.get('schema_version')} != {SCHEMA_VERSION} "
                 "of this code; rebuild it with `extract --overwrite`"
             )
+        # Open every array now, so damaged array metadata is one clear line here, not a traceback mid-run.
+        self._arrays: dict[str, zarr.Array] = {}
+        for member in sorted(self.path.iterdir()):
+            if not (member / "zarr.json").is_file():
+                continue
+            try:
+                self._arrays[member.name] = self.group[member.name]
+            except Exception as e:  # noqa: BLE001 - unparsable JSON, bad codec config, ...
+                raise UserError(
+                    f"{member / 'zarr.json'}: array metadata is damaged ({_first_line(e)}); "
+                    "rebuild the cache with `extract --overwrite`"
+                ) from None
+        store.blosc_chunk_bytes = {
+            name: int(np.prod(a.chunks)) * a.dtype.itemsize for name, a in self._arrays.items()
+            if any(isinstance(c, zarr.codecs.BloscCodec) for c in a.compressors)
+        }
 
     @classmethod
     def open_or_create(
@@ -217,7 +256,7 @@ class FeatureCache:
 
     # -- shapes and metadata ------------------------------------------------------------------
     def __getitem__(self, name: str) -> zarr.Array:
-        return self.group[name]
+        return self._arrays[name] if name in self._arrays else self.group[name]
 
     @property
     def n_videos(self) -> int:
@@ -252,10 +291,17 @@ class FeatureCache:
 
     def failures(self) -> list[dict]:
         """Failed videos with the recorded reason, in index order."""
-        failed = np.flatnonzero(self.video_status() == FAILED)
-        ids = self.group["video_ids"]
-        errors = self.group["video_error"]
-        return [{"video": str(ids[i]), "reason": str(errors[i])} for i in failed]
+        failed = np.flatnonzero(self._read_flags("video_status")[0] == FAILED)
+        ids = self.video_ids()
+        errors = self["video_error"]
+
+        def reason(i: int) -> str:
+            try:
+                return str(errors[i])
+            except Exception:  # noqa: BLE001 - a damaged error chunk must not hide the other failures
+                return "(reason unreadable: damaged chunk; run extract --repair)"
+
+        return [{"video": str(ids[i]), "reason": reason(i)} for i in failed]
 
     # -- writing --------------------------------------------------------------------------------
     def write_video(self, i: int, patch: np.ndarray, cls_tok: np.ndarray, emb: np.ndarray, mask: np.ndarray) -> None:
@@ -286,13 +332,84 @@ class FeatureCache:
         lo = c * self.text_chunk
         return lo, min(lo + self.text_chunk, self.n_texts)
 
+    # -- damage -------------------------------------------------------------------------------
+    def verify(self) -> list[dict]:
+        """Read back every finished video and caption chunk; list those with a missing or undecodable chunk.
+
+        Each entry is {"video": id, "index": i, "reason": ...} or {"text_chunk": c, "captions": [lo, hi],
+        "reason": ...}. Data that decodes but holds wrong values cannot be seen (the chunks carry no checksum).
+        """
+        damaged: list[dict] = []
+        ids = self.video_ids()
+        status, bad_status = self._read_flags("video_status")
+        for i in np.flatnonzero(status != PENDING).tolist() + bad_status:
+            if i in bad_status:
+                reason = "video_status chunk unreadable"
+            else:
+                reason = self._chunk_problem(VIDEO_FEATURES if status[i] == DONE else ("video_error",), i)
+            if reason:
+                damaged.append({"video": str(ids[i]), "index": int(i), "reason": reason})
+        chunks, bad_chunks = self._read_flags("text_chunk_status")
+        for c in np.flatnonzero(chunks == DONE).tolist() + bad_chunks:
+            if c in bad_chunks:
+                reason = "text_chunk_status chunk unreadable"
+            else:
+                reason = self._chunk_problem(("text_tokens", "text_embeds"), c)
+            if reason:
+                damaged.append({"text_chunk": int(c), "captions": list(self.text_chunk_range(c)), "reason": reason})
+        return damaged
+
+    def _read_flags(self, name: str) -> tuple[np.ndarray, list[int]]:
+        """A status array read chunk by chunk: (values with unreadable ones as PENDING, unreadable indices)."""
+        arr = self[name]
+        try:
+            return np.asarray(arr[:]), []
+        except Exception:  # noqa: BLE001 - find which one-element chunks are bad
+            values, bad = np.zeros(arr.shape, dtype=np.int8), []
+            for i in range(arr.shape[0]):
+                try:
+                    values[i] = arr[i]
+                except Exception:  # noqa: BLE001
+                    bad.append(i)
+            return values, bad
+
+    def _chunk_problem(self, names: tuple[str, ...], row_chunk: int) -> str:
+        """Why chunk `row_chunk` (along the first axis) of these arrays is damaged, or "" when it reads back."""
+        for name in names:
+            arr = self[name]
+            key = arr.metadata.encode_chunk_key((row_chunk,) + (0,) * (arr.ndim - 1))
+            # An absent chunk reads back as zeros (the fill value), so absence must be checked on disk.
+            # video_error holds "" (the fill value) for most videos, which zarr never stores.
+            if name != "video_error" and not (self.path / name / key).is_file():
+                return f"{name} chunk {key} missing"
+            try:
+                arr[row_chunk * arr.chunks[0]: (row_chunk + 1) * arr.chunks[0]]
+            except Exception as e:  # noqa: BLE001 - any codec or shape error means the bytes are bad
+                return f"{name} chunk {key} unreadable ({_first_line(e)})"
+        return ""
+
+    def mark_pending(self, damaged: list[dict]) -> None:
+        """Set the videos and caption chunks listed by verify() back to pending, so extract redoes them."""
+        for entry in damaged:
+            if "video" in entry:
+                self.group["video_status"][entry["index"]] = PENDING
+            else:
+                self.group["text_chunk_status"][entry["text_chunk"]] = PENDING
+
+    def remove_partial_files(self) -> int:
+        """Delete temp files left by writes that were killed (harmless, but they take space); their number."""
+        stale = [f for f in self.path.rglob(".*.partial") if f.is_file()]
+        for f in stale:
+            f.unlink(missing_ok=True)
+        return len(stale)
+
     def size_bytes(self) -> int:
         """Bytes on disk under the cache folder."""
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
-    def describe(self) -> dict:
-        """The facts `cli.py info` reports (JSON-serialisable)."""
-        status = self.video_status()
+    def describe(self, verify: bool = False) -> dict:
+        """The facts `cli.py info` reports (JSON-serialisable); verify=True adds `damaged` (reads every chunk)."""
+        status = self._read_flags("video_status")[0]  # a damaged status chunk must not stop `info`
         split = self.video_split()
         text_split = split[self.text_video()] if self.n_texts else np.array([], dtype=object)
         shapes = {name: {"shape": list(self.group[name].shape), "dtype": str(self.group[name].dtype)}
@@ -303,7 +420,7 @@ class FeatureCache:
             "videos_done": int((status == DONE).sum()),
             "videos_total": self.n_videos,
             "texts": self.n_texts,
-            "text_chunks_done": int((self.text_chunk_status() == DONE).sum()),
+            "text_chunks_done": int((self._read_flags("text_chunk_status")[0] == DONE).sum()),
             "text_chunks_total": self.n_text_chunks,
             "texts_truncated": self.attrs["texts_truncated"],
             "failed": self.failures(),
@@ -317,4 +434,5 @@ class FeatureCache:
                        for name in sorted(set(split.tolist()))},
             "arrays": shapes,
             "bytes": self.size_bytes(),
+            **({"damaged": self.verify()} if verify else {}),
         }

@@ -16,7 +16,9 @@ from pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # weights we pretrain ourselves (cli.py pretrain-tiny), shipped
 DEFAULT_MODEL = "CrossTVR-Tiny"
+RANDOM = "random"  # pretrained="random": random init on purpose (tests, ablations), still warned about
 
 
 def register_model_configs() -> None:
@@ -46,6 +48,21 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def shipped_weights(model_name: str) -> Path | None:
+    """The checksum-verified weights shipped in pipeline/weights/ for model_name, or None if none ship."""
+    path = WEIGHTS_DIR / f"{model_name}.safetensors"
+    if not path.is_file():
+        return None
+    sidecar = path.with_name(path.name + ".sha256")
+    expected = sidecar.read_text().split()[0] if sidecar.is_file() else "(no sidecar)"
+    if file_sha256(path) != expected:
+        raise UserError(
+            f"{path}: SHA-256 does not match {sidecar.name}; restore both files (git checkout pipeline/weights/) "
+            f"or rebuild them with `python cli.py pretrain-tiny`"
+        )
+    return path
 
 
 @dataclass(frozen=True)
@@ -100,6 +117,10 @@ class FrozenEncoder:
         import open_clip
 
         self.device = device or default_device()
+        if pretrained is None and (shipped := shipped_weights(model_name)) is not None:
+            pretrained = str(shipped)  # our own pretrained weights; an explicit --pretrained wins
+        if pretrained == RANDOM:
+            pretrained = None
         model = _load_model(model_name, pretrained)
         if not pretrained:
             log.warning(

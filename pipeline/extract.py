@@ -6,7 +6,7 @@ import collections
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ class ExtractConfig:
     workers: int = 4
     shard: str | None = None  # "I/N"; defaults to RANK/WORLD_SIZE under torchrun
     overwrite: bool = False
+    repair: bool = False  # re-check every finished chunk and redo the videos/caption chunks found damaged
     compression: str = DEFAULT_COMPRESSION
     progress: bool = True
 
@@ -71,6 +72,7 @@ class ExtractSummary:
     videos_done: int
     texts: int
     failed: list[dict]
+    repaired: list[dict] = field(default_factory=list)  # what --repair found damaged and redid
 
 
 def _decode(path: Path, frames: int, size: int) -> DecodedVideo | str:
@@ -85,6 +87,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     shard_index, shard_count = resolve_shard(cfg.shard)
     if cfg.overwrite and shard_count > 1:
         raise UserError("--overwrite with several shards would let one shard delete another's work; rebuild once without --shard")
+    if cfg.repair and shard_count > 1:
+        raise UserError("--repair checks the whole cache; run it once without --shard while no shard is running")
     data_root = Path(cfg.data_root) if cfg.data_root else default_data_root(cfg.dataset)
     records = load_records(cfg.dataset, data_root)
     missing = missing_videos(records)
@@ -107,10 +111,11 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         text_width=info.text_width, embed_dim=info.embed_dim, compression=cfg.compression,
     )
     path = Path(cfg.cache) if cfg.cache else default_cache_path(cfg.dataset, cfg.model)
-    cache = FeatureCache.open_or_create(path, spec, records, lengths, int(truncated.sum()), overwrite=cfg.overwrite)
-    log.info("cache %s (model %s, weights %s, shard %d/%d)", path, info.model, info.pretrained or "RANDOM", shard_index, shard_count)
-
     try:
+        cache = FeatureCache.open_or_create(path, spec, records, lengths, int(truncated.sum()), overwrite=cfg.overwrite)
+        log.info("cache %s (model %s, weights %s, shard %d/%d)", path, info.model, info.pretrained or "RANDOM",
+                 shard_index, shard_count)
+        repaired = _repair(cache) if cfg.repair else []
         _encode_captions(cache, encoder, captions, shard_index, shard_count, cfg.progress)
         _encode_videos(cache, encoder, records, cfg, shard_index, shard_count)
     except OSError as e:
@@ -121,7 +126,21 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
 
     status = cache.video_status()
     return ExtractSummary(cache=path, videos_total=cache.n_videos, videos_done=int((status == DONE).sum()),
-                          texts=cache.n_texts, failed=cache.failures())
+                          texts=cache.n_texts, failed=cache.failures(), repaired=repaired)
+
+
+def _repair(cache: FeatureCache) -> list[dict]:
+    """Find damaged finished videos and caption chunks and set them pending: the normal run then redoes exactly those."""
+    damaged = cache.verify()
+    for entry in damaged:
+        log.warning("%s: %s damaged (%s); redoing it", cache.path,
+                    f"video {entry['video']}" if "video" in entry else f"caption chunk {entry['text_chunk']}",
+                    entry["reason"])
+    cache.mark_pending(damaged)
+    removed = cache.remove_partial_files()
+    if removed:
+        log.info("%s: removed %d temp file(s) left by killed writes", cache.path, removed)
+    return damaged
 
 
 def _encode_captions(cache: FeatureCache, encoder: FrozenEncoder, captions: list[str], shard: int, shards: int,

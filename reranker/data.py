@@ -20,10 +20,38 @@ def _read(arr, index: np.ndarray) -> np.ndarray:
         return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
     order = np.argsort(index, kind="stable")
     unique, inverse = np.unique(index[order], return_inverse=True)
-    rows = arr.get_orthogonal_selection((unique,))
+    try:
+        rows = arr.get_orthogonal_selection((unique,))
+    except Exception as e:  # noqa: BLE001 - a damaged chunk fails in the codec (blosc, zstd) or in reshaping
+        raise _damaged(arr, unique, e) from None
     out = np.empty((len(index), *arr.shape[1:]), dtype=arr.dtype)
     out[order] = rows[inverse]
     return out
+
+
+def _damaged(arr, rows: np.ndarray, error: Exception) -> UserError:
+    """A one-line error naming the cache, the array and the videos whose chunks cannot be read."""
+    import zarr
+
+    bad = []
+    for r in rows.tolist():
+        try:
+            arr[r]
+        except Exception:  # noqa: BLE001
+            bad.append(r)
+    root = getattr(arr.store, "root", arr.store)
+    try:
+        group = zarr.open_group(arr.store, mode="r")
+        video_rows = group["text_video"][:][bad] if arr.basename.startswith("text_") else bad
+        names = [str(group["video_ids"][int(v)]) for v in sorted(set(np.asarray(video_rows).tolist()))]
+    except Exception:  # noqa: BLE001 - naming the rows is the best we can do
+        names = [f"row {r}" for r in bad]
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+    return UserError(
+        f"{root}: {arr.basename} of {shown or 'some videos'} cannot be read ({reason}); "
+        f"run `python cli.py info --verify --cache {root}` to list the damage and re-run extract with --repair"
+    )
 
 
 @dataclass

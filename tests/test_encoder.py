@@ -78,8 +78,8 @@ def test_local_checkpoint_loads_and_is_recorded(encoder, tmp_path):
 
 
 def test_random_weights_warn_loudly(caplog):
-    with caplog.at_level(logging.WARNING):
-        enc = FrozenEncoder(DEFAULT_MODEL, device=torch.device("cpu"))
+    with caplog.at_level(logging.WARNING):  # the shipped weights are the default; random init is asked for by name
+        enc = FrozenEncoder(DEFAULT_MODEL, pretrained="random", device=torch.device("cpu"))
     assert "RANDOM WEIGHTS" in caplog.text and enc.info.pretrained == ""
 
 

@@ -1,0 +1,98 @@
+"""A cache damaged on disk: `info --verify` names what is damaged, `extract --repair` redoes exactly that,
+and training on a damaged cache stops with one line naming the video and the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+from pipeline.cache import FeatureCache
+from pipeline.errors import UserError
+from tests.conftest import make_feature_cache
+from tests.faults.harness import assert_same_cache, chunk_files, extract_args, run_cli
+
+
+@pytest.fixture
+def copy(reference, tmp_path):
+    path = tmp_path / "c.zarr"
+    shutil.copytree(reference, path)
+    return path
+
+
+def _info(cache, *extra):
+    return CliRunner().invoke(cli.main, ["info", "--cache", str(cache), *extra])
+
+
+def test_damaged_chunk_is_found_and_only_its_video_redone(fault_data, reference, copy, tmp_path):
+    victim = copy / "patch_tokens" / "c" / "2" / "0" / "0" / "0"
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated: blosc refuses it
+    (copy / "text_embeds" / "c" / "0" / "0").write_bytes(b"\x00garbage")
+    assert "damaged" not in json.loads(_info(copy, "--json").output)  # plain info stays fast: no chunk reads
+
+    result = _info(copy, "--verify", "--json")
+    assert result.exit_code == 1
+    damaged = json.loads(result.output)["damaged"]
+    assert [d.get("video") for d in damaged] == ["videos/clip2.mp4", None]
+    assert damaged[1]["text_chunk"] == 0 and "text_embeds" in damaged[1]["reason"]
+    text = _info(copy, "--verify").output
+    assert "damaged      videos/clip2.mp4: patch_tokens chunk c/2/0/0/0 unreadable" in text and "--repair" in text
+
+    before = chunk_files(copy)
+    log = tmp_path / "repair.log"
+    assert run_cli(extract_args(fault_data, copy, "--repair"), log=log) == 0, log.read_text()[-3000:]
+    assert "repaired 2 damaged" in log.read_text()
+    after = chunk_files(copy)
+    changed = {k for k in before if after.get(k) != before[k]}
+    # Only video 2's chunks and the caption chunk were written again; every other chunk file is untouched.
+    video_2 = {f"{a}/c/2{tail}" for a, tail in (("patch_tokens", "/0/0/0"), ("cls_tokens", "/0/0"),
+                                               ("frame_embeds", "/0/0"), ("frame_mask", "/0"), ("video_status", ""))}
+    assert changed == video_2 | {"text_tokens/c/0/0/0", "text_embeds/c/0/0", "text_chunk_status/c/0"}, changed
+    assert_same_cache(copy, reference)
+    assert _info(copy, "--verify").exit_code == 0
+
+
+def test_missing_chunk_and_unreadable_status_are_found(fault_data, reference, copy, tmp_path):
+    (copy / "frame_embeds" / "c" / "4" / "0" / "0").unlink()  # would silently read back as zeros
+    (copy / "video_status" / "c" / "1").write_bytes(b"")  # a torn flag
+    facts = FeatureCache(copy).describe(verify=True)
+    assert {d["video"]: d["reason"] for d in facts["damaged"]} == {
+        "videos/clip1.mp4": "video_status chunk unreadable",
+        "videos/clip4.mp4": "frame_embeds chunk c/4/0/0 missing",
+    }
+    log = tmp_path / "repair.log"
+    assert run_cli(extract_args(fault_data, copy, "--repair"), log=log) == 0, log.read_text()[-3000:]
+    assert_same_cache(copy, reference)
+
+
+def test_repair_with_shards_is_refused(fault_data, copy):
+    result = CliRunner().invoke(cli.main, [str(a) for a in extract_args(fault_data, copy, "--repair", "--shard", "0/2")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "without --shard" in result.output
+
+
+@pytest.mark.parametrize("meta", ["zarr.json", "patch_tokens/zarr.json"])
+def test_damaged_metadata_is_one_line(copy, meta):
+    (copy / meta).write_text('{"zarr_format": 3, "node_type": ')  # truncated JSON
+    for args in (["--json"], ["--verify"]):
+        result = _info(copy, *args)
+        assert result.exit_code == 2, result.output
+        assert result.output.count("\n") == 1 and "damaged" in result.output and "--overwrite" in result.output
+        assert "Traceback" not in result.output
+    if meta != "zarr.json":
+        assert "patch_tokens/zarr.json" in result.output
+
+
+def test_training_on_a_damaged_cache_names_the_video(tmp_path):
+    from reranker.train import TrainConfig, train
+
+    cache = make_feature_cache(tmp_path / "c.zarr", {"train": 8, "val": 4})
+    (cache / "frame_embeds" / "c" / "3" / "0" / "0").write_bytes(b"not blosc")
+    cfg = TrainConfig(cache=str(cache), run=str(tmp_path / "run"), epochs=1, batch_size=4, hard_negatives=1,
+                      dim=16, heads=2, n_queries=2, top_k=3)
+    with pytest.raises(UserError) as e:
+        train(cfg, progress=False)
+    message = str(e.value)
+    assert "\n" not in message and "train3" in message and "--repair" in message and str(cache) in message
