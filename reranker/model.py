@@ -40,6 +40,8 @@ class ModelConfig:
     text_width: int = 512  # Wt: text transformer width
     frames: int = 12  # T: frame slots per video
     patches: int = 49  # P: grid patches per frame, class token excluded
+    patch_pool: int = 1  # average k x k neighbouring patches before the spatial stage (keys / k^2)
+    spatial_queries: str = "learned"  # per frame: 'learned' (the Q queries, caption-aware) | 'all' (+ text tokens)
     # first stage
     temporal: str = "mean"  # 'mean' (meanP) | 'transformer' (seqTransf)
     temporal_layers: int = 4
@@ -70,6 +72,11 @@ class ModelConfig:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if self.temporal == "transformer" and self.embed_dim % self.temporal_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by temporal_heads {self.temporal_heads}")
+        grid = math.isqrt(self.patches)
+        if self.patch_pool < 1 or grid * grid != self.patches and self.patch_pool > 1 or grid % self.patch_pool:
+            raise ValueError(f"patch_pool {self.patch_pool} must divide the patch grid side {grid} (P={self.patches})")
+        if self.spatial_queries not in ("learned", "all"):
+            raise ValueError(f"spatial_queries must be 'learned' or 'all', got {self.spatial_queries!r}")
         if self.n_queries < 1:
             raise ValueError("n_queries must be >= 1: the learnable queries keep every attention row non-empty")
         if self.score_weight <= 0:
@@ -184,6 +191,19 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.sum(1) / mask.sum(1, keepdim=True).to(x.dtype)
 
 
+def pool_patches(patch_tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Average k x k neighbouring patches of the square grid: [B, T, P, W] -> [B, T, P / k^2, W].
+
+    Fewer keys make the spatial stage k^2 times cheaper; a 4 x 4 grid still tells left from right.
+    """
+    if k == 1:
+        return patch_tokens
+    B, T, P, W = patch_tokens.shape
+    g = math.isqrt(P)
+    x = patch_tokens.reshape(B, T, g // k, k, g // k, k, W).mean(dim=(3, 5))  # [B, T, g/k, g/k, W]
+    return x.reshape(B, T, (g // k) ** 2, W)
+
+
 def centre_patches(patch_tokens: torch.Tensor) -> torch.Tensor:
     """Subtract each frame's mean patch token: [B, T, P, W] -> [B, T, P, W].
 
@@ -284,11 +304,12 @@ class Reranker(nn.Module):
             # keys: the centred patches (+ position, so left/right is visible) and the class token
             self.patch_ln = nn.LayerNorm(W)
             self.patch_proj = nn.Linear(W, D)
-            self.patch_pos = nn.Parameter(torch.zeros(config.patches, D))
+            self.patch_pos = nn.Parameter(torch.zeros(config.patches // config.patch_pool**2, D))
             self.spatial_blocks = nn.ModuleList(block() for _ in range(config.layers))
         elif config.spatial == "flat":
             self.flat_ln = nn.LayerNorm(W)
-            self.flat_mlp = nn.Sequential(nn.Linear(config.patches * W, D), nn.GELU(), nn.Linear(D, D))
+            self.flat_mlp = nn.Sequential(nn.Linear(config.patches // config.patch_pool**2 * W, D), nn.GELU(),
+                                          nn.Linear(D, D))
 
         # temporal stage: the query set attends across the frame tokens
         self.frame_ln = nn.LayerNorm(D)
@@ -336,7 +357,7 @@ class Reranker(nn.Module):
         spatial = self.config.spatial
         if spatial == "cls":
             return self.cls_proj(self.cls_ln(cls_tokens))  # [B, T, D]
-        centred = centre_patches(patch_tokens)  # [B, T, P, W]
+        centred = centre_patches(pool_patches(patch_tokens, self.config.patch_pool))  # [B, T, P/k^2, W]
         if spatial == "flat":
             return self.flat_mlp(self.flat_ln(centred).flatten(2))  # [B, T, P*W] -> [B, T, D]
         P = patch_tokens.shape[2]
@@ -349,13 +370,18 @@ class Reranker(nn.Module):
         if self.config.spatial != "attention":
             return frames  # already [B, T, D]
         B, T, M, D = frames.shape
-        N = queries.shape[1]
         kv = frames.reshape(B * T, M, D)  # [B*T, 1+P, D]
-        x_mask = query_mask[:, None].expand(B, T, N).reshape(B * T, N)
         # The first block's self attention sees the same query set for every frame: compute it once
         # per pair, then give every frame its own copy (the spatial stage's main cost otherwise).
         x = self.spatial_blocks[0].talk(queries, query_mask)  # [B, N, D]
+        x_mask = query_mask
+        if self.config.spatial_queries == "learned":
+            # Only the learnable queries, which have just read the whole caption, look at each frame:
+            # per-frame cost no longer grows with the caption's length.
+            x, x_mask = x[:, : self.config.n_queries], query_mask[:, : self.config.n_queries]
+        N = x.shape[1]
         x = x[:, None].expand(B, T, N, D).reshape(B * T, N, D)
+        x_mask = x_mask[:, None].expand(B, T, N).reshape(B * T, N)
         for i, block in enumerate(self.spatial_blocks):
             if i > 0:
                 x = block.talk(x, x_mask)

@@ -46,7 +46,8 @@ class TrainConfig:
     temporal: str = "mean"
     spatial: str = "attention"
     share_attention: bool = False
-    dim: int = 256
+    dim: int = 128
+    patch_pool: int = 2  # reduced to 1 when it does not divide the cache's patch grid
     n_queries: int = 4
     heads: int = 4
     layers: int = 1
@@ -58,7 +59,8 @@ def model_config_for(cache: FeatureCache, cfg: TrainConfig) -> ModelConfig:
     a = cache.attrs
     return ModelConfig(
         embed_dim=a["embed_dim"], patch_width=a["patch_width"], text_width=a["text_width"], frames=a["frames"],
-        patches=a["num_patches"], temporal=cfg.temporal, spatial=cfg.spatial, share_attention=cfg.share_attention,
+        patches=a["num_patches"], patch_pool=cfg.patch_pool if math.isqrt(a["num_patches"]) % cfg.patch_pool == 0 else 1,
+        temporal=cfg.temporal, spatial=cfg.spatial, share_attention=cfg.share_attention,
         dim=cfg.dim, n_queries=cfg.n_queries, heads=cfg.heads, layers=cfg.layers,
     )
 
