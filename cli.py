@@ -232,5 +232,20 @@ def search(query, cache, run, top, top_k) -> None:
         click.echo(f"{rank:>4}  {final}  {hit.first_stage:7.3f}  {hit.video}  ({hit.path})")
 
 
+@main.command("pretrain-tiny")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("pipeline/weights/CrossTVR-Tiny.safetensors"),
+              show_default=True, help="fp16 safetensors file (a .sha256 sidecar is written next to it).")
+@click.option("--steps", default=150, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@_friendly
+def pretrain_tiny_cmd(out, steps, batch_size, seed) -> None:
+    """Pretrain the CrossTVR-Tiny CLIP from scratch on rendered synthetic frames (CPU; see docs/pretrain.md)."""
+    from pipeline.pretrain import pretrain_tiny
+
+    path = pretrain_tiny(out, steps=steps, batch_size=batch_size, seed=seed)
+    click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -46,7 +46,7 @@ def test_extract_stores_what_the_encoder_computes(extracted, tiny_dataset):
     summary, cache = extracted
     assert (summary.videos_done, summary.videos_total, summary.texts, summary.failed) == (5, 5, 10, [])
     assert cache["patch_tokens"].shape == (5, 12, 64, 128) and cache["patch_tokens"].dtype == np.float16
-    assert cache["text_tokens"].shape == (10, 32, 96)
+    assert cache["text_tokens"].shape == (10, 32, 64)
     assert cache.text_video().tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     ids = cache.video_ids().tolist()
     assert ids[0] == "videos/clip0.mp4" and cache.video_split().tolist() == ["train", "train", "val", "test", "test"]
@@ -164,7 +164,8 @@ def test_info_json_and_export_h5(extracted, tmp_path):
     assert result.exit_code == 0, result.output
     facts = json.loads(result.output)
     assert facts["videos_done"] == facts["videos_total"] == 5 and facts["texts"] == 10 and facts["failed"] == []
-    assert facts["model"] == "CrossTVR-Tiny" and facts["pretrained"] is None and facts["frames"] == 12
+    assert facts["model"] == "CrossTVR-Tiny" and facts["frames"] == 12
+    assert facts["pretrained"].endswith("weights/CrossTVR-Tiny.safetensors")
     assert facts["splits"] == {"test": {"videos": 2, "texts": 4}, "train": {"videos": 2, "texts": 4},
                                "val": {"videos": 1, "texts": 2}}
     assert facts["bytes"] > 0
