@@ -115,18 +115,28 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _epoch_plan(feats: SplitFeatures, cfg: TrainConfig, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Batches of (video positions, one caption position per video), shuffled from (seed, epoch)."""
-    rng = np.random.default_rng([cfg.seed, epoch])
-    order = rng.permutation(feats.n_videos)
-    captions_of = [[] for _ in range(feats.n_videos)]
+def _captions_of(feats: SplitFeatures) -> list[list[int]]:
+    """For each video position of the split, its caption positions."""
+    captions_of: list[list[int]] = [[] for _ in range(feats.n_videos)]
     for t, v in enumerate(feats.text_video):
         captions_of[v].append(t)
+    return captions_of
+
+
+def _epoch_plan(feats: SplitFeatures, cfg: TrainConfig, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Steps of anchors: (video positions, one caption position per video), shuffled from (seed, epoch).
+
+    Each anchor later brings its hard negatives into a group, so a step holds batch_size // (1 + N) anchors.
+    """
+    rng = np.random.default_rng([cfg.seed, epoch])
+    captions_of = _captions_of(feats)
+    order = rng.permutation(feats.n_videos)
     usable = order[[len(captions_of[v]) > 0 for v in order]]
-    steps = max(1, len(usable) // cfg.batch_size)
+    anchors = max(2, cfg.batch_size // (1 + cfg.hard_negatives))
+    steps = max(1, len(usable) // anchors)
     plan = []
     for s in range(steps):
-        vids = usable[s * cfg.batch_size: (s + 1) * cfg.batch_size]
+        vids = usable[s * anchors: (s + 1) * anchors]
         caps = np.array([captions_of[v][rng.integers(len(captions_of[v]))] for v in vids])
         plan.append((vids, caps))
     return plan
@@ -144,36 +154,53 @@ def video_bank(model: CrossTVR, feats: SplitFeatures, device: torch.device, bloc
 
 
 @torch.no_grad()
-def _mine_negatives(model, feats, bank, caps, vids, n_neg, device) -> np.ndarray:
-    """For each caption, its n_neg best-scoring videos under the current first stage, its own excluded."""
+def _mine_groups(model, feats, bank, caps, vids, n_neg, device, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Each anchor's group: its video and the n_neg videos the current first stage ranks highest for its
+    caption (its own excluded), each with one of its own captions: videos [A, 1+N], captions [A, 1+N]."""
     text = feats.read_texts(caps)["text_embeds"].to(device)
-    sims = model.first_stage.encode_text(text).float().cpu() @ bank.T  # [B, V]
+    sims = model.first_stage.encode_text(text).float().cpu() @ bank.T  # [A, V]
     sims[torch.arange(len(vids)), torch.from_numpy(vids)] = -math.inf
-    return sims.topk(n_neg, dim=1).indices.numpy()  # [B, n_neg]
+    negs = sims.topk(n_neg, dim=1).indices.numpy()  # [A, N]
+    captions_of = _captions_of(feats)
+    neg_caps = np.array([[captions_of[u][rng.integers(len(captions_of[u]))] for u in row] for row in negs])
+    return np.concatenate([vids[:, None], negs], 1), np.concatenate([caps[:, None], neg_caps], 1)
 
 
-def _read_step(feats: SplitFeatures, vids: np.ndarray, caps: np.ndarray, negs: np.ndarray) -> dict:
+def _read_step(feats: SplitFeatures, videos: np.ndarray, captions: np.ndarray) -> dict:
     """Everything one step needs, read from the cache (runs in a prefetch thread)."""
-    videos = np.concatenate([vids, negs.reshape(-1)])
-    return {"texts": feats.read_texts(caps), "videos": feats.read_videos(videos)}
+    return {"texts": feats.read_texts(captions.reshape(-1)), "videos": feats.read_videos(videos.reshape(-1)),
+            "video_ids": videos, "caption_ids": captions}
 
 
-def _forward(model: CrossTVR, batch: dict, n_neg: int, device: torch.device) -> tuple[torch.Tensor, dict]:
-    B = batch["texts"]["text_tokens"].shape[0]
+def _forward(model: CrossTVR, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """First-stage InfoNCE over the anchors, and the reranker's matching loss within every group.
+
+    Within a group every caption meets every video: each video is a positive once and a negative for
+    the others' captions, so the reranker cannot win by scoring videos (or captions) on their own.
+    """
+    A, G = batch["video_ids"].shape  # anchors, group size 1 + N
     t = {k: v.to(device) for k, v in batch["texts"].items()}
     v = {k: val.to(device) for k, val in batch["videos"].items()}
+    anchor = torch.arange(A, device=device) * G  # rows of the anchors' own caption and video
     fs = model.first_stage
-    contrastive = fs.contrastive_loss(fs.encode_text(t["text_embeds"]),
-                                      fs.encode_video(v["frame_embeds"][:B], v["frame_mask"][:B]))
-    # pair rows: caption b with its own video, then with each of its negatives (video b*n_neg + j after B)
-    rows = torch.cat([torch.arange(B), torch.arange(B).repeat_interleave(n_neg)]).to(device)
-    logits = model.reranker(t["text_tokens"][rows], t["text_lengths"][rows], v["patch_tokens"], v["cls_tokens"],
-                            v["frame_mask"])
-    pos, neg = logits[:B], logits[B:].view(B, n_neg)
-    matching = model.matching_loss(pos, neg)
-    group = torch.cat([pos[:, None], neg], dim=1).float()
+    contrastive = fs.contrastive_loss(fs.encode_text(t["text_embeds"][anchor]),
+                                      fs.encode_video(v["frame_embeds"][anchor], v["frame_mask"][anchor]))
+    r = model.reranker
+    queries, qmask = r.encode_queries(t["text_tokens"], t["text_lengths"])  # [A*G, Q+L, D]
+    frames = r.encode_frames(v["patch_tokens"], v["cls_tokens"])  # per video, shared by its pairs
+    i, j = torch.meshgrid(torch.arange(G), torch.arange(G), indexing="ij")
+    base = (torch.arange(A) * G)[:, None]
+    text_rows, video_rows = (base + i.reshape(1, -1)).reshape(-1), (base + j.reshape(1, -1)).reshape(-1)
+    ids = torch.from_numpy(batch["video_ids"].reshape(-1))
+    positive = (ids[text_rows] == ids[video_rows]).to(device)  # the diagonal (a repeated video counts too)
+    text_rows, video_rows = text_rows.to(device), video_rows.to(device)
+    logits = r.match(queries[text_rows], qmask[text_rows], frames[video_rows], v["frame_mask"][video_rows])
+    matching = model.matching_loss(logits[positive], logits[~positive])
+    per_caption = logits.float().view(A * G, G)  # each caption against its group's videos
+    diag = per_caption[torch.arange(A * G), torch.arange(A * G) % G]
     stats = {"contrastive": contrastive.item(), "matching": matching.item(),
-             "logit_spread": group.std(dim=1).mean().item(), "pos_above_negs": (pos[:, None] > neg).float().mean().item()}
+             "logit_spread": per_caption.std(dim=1).mean().item(),
+             "pos_above_negs": ((diag[:, None] > per_caption).sum(1).float() / max(G - 1, 1)).mean().item()}
     return contrastive + matching, stats
 
 
@@ -284,11 +311,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             model.eval()
             bank = video_bank(model, feats, device)
             upto = min(total, (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
-            negatives = {g: _mine_negatives(model, feats, bank, plan_of(g)[1], plan_of(g)[0], cfg.hard_negatives,
-                                            device) for g in range(step, upto)}
+            negatives = {g: _mine_groups(model, feats, bank, plan_of(g)[1], plan_of(g)[0], cfg.hard_negatives,
+                                         device, np.random.default_rng([cfg.seed, g, rank]))
+                         for g in range(step, upto)}
         for g in (step, step + 1):  # read this step and prefetch the next while this one computes
             if g in negatives and g not in pending:
-                pending[g] = reader.submit(_read_step, feats, *plan_of(g), negatives[g])
+                pending[g] = reader.submit(_read_step, feats, *negatives[g])
         batch = pending.pop(step).result()
         vids = plan_of(step)[0]
         epoch = step // steps_per_epoch
@@ -297,7 +325,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
         with autocast(device):
-            loss, stats = _forward(model, batch, cfg.hard_negatives, device)
+            loss, stats = _forward(model, batch, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:

@@ -14,7 +14,7 @@ from tests.conftest import make_feature_cache
 
 
 def _cfg(cache, run, **kw) -> TrainConfig:
-    base = dict(cache=str(cache), run=str(run), epochs=4, batch_size=8, hard_negatives=2, dim=32, heads=2,
+    base = dict(cache=str(cache), run=str(run), epochs=1, batch_size=8, hard_negatives=2, dim=32, heads=2,
                 n_queries=2, checkpoint_every=3, warmup_steps=2, top_k=5)
     return TrainConfig(**{**base, **kw})
 
@@ -37,9 +37,9 @@ def test_training_reads_only_the_cache_and_the_loss_decreases(cache, tmp_path, m
 
     monkeypatch.setattr(pipeline.decode, "decode_video", forbidden)
     monkeypatch.setattr(pipeline.encoder.FrozenEncoder, "__init__", forbidden)
-    run = train(_cfg(cache, tmp_path / "run", epochs=12), progress=False)
+    run = train(_cfg(cache, tmp_path / "run", epochs=12, checkpoint_every=8), progress=False)
     steps = [r for r in _log(run) if "loss" in r]
-    assert len(steps) == 12 * 2  # 16 train videos / batch 8 = 2 steps per epoch
+    assert len(steps) == 12 * 8  # batch 8 = 2 anchors (+ 2 hard negatives each); 16 train videos = 8 steps
     first, last = np.mean([s["loss"] for s in steps[:4]]), np.mean([s["loss"] for s in steps[-4:]])
     assert last < first - 0.1, (first, last)
     assert all(k in steps[0] for k in ("contrastive", "matching", "lr", "logit_spread", "samples_per_s"))
@@ -124,5 +124,5 @@ def test_two_process_gloo_run_takes_the_expected_steps(cache, tmp_path):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [r for r in _log(run) if "loss" in r]
-    assert [s["step"] for s in steps] == list(range(1, 3 * 2 + 1))  # 16 videos / batch 8 = 2 steps a epoch
-    assert load_checkpoint(run / "last.pt")["step"] == 6
+    assert [s["step"] for s in steps] == list(range(1, 3 * 8 + 1))  # 16 videos / 2 anchors = 8 steps an epoch
+    assert load_checkpoint(run / "last.pt")["step"] == 24
