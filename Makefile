@@ -25,5 +25,9 @@ demo: setup
 	$(PY) cli.py evaluate --cache cache/synthetic/demo.zarr --run runs/demo --split test
 	@echo "demo: cache cache/synthetic/demo.zarr, run runs/demo, report runs/demo/eval_test.json"
 
+# Benchmarks (bench/, docs/benchmarks.md): ratios measured side by side; never part of `make test`.
+bench: setup
+	$(PY) bench/run_all.py
+
 clean:
 	rm -rf $(VENV) cache/*/ runs/ data/synthetic
