@@ -5,12 +5,16 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from pipeline.errors import UserError
+# Idle OpenMP threads that spin cost 2-4x on a busy CPU (bench/common.py, docs/benchmarks.md); set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pipeline.errors import UserError  # noqa: E402
 
 
 _CHATTY = tuple(str(Path(m.__file__).parent) for m in (__import__("open_clip"), __import__("huggingface_hub")))
@@ -60,7 +64,9 @@ def _resolve_cache(cache: Path | None) -> Path:
 @click.option("--data-root", type=click.Path(path_type=Path), help="Annotations and videos [default: data/<dataset>].")
 @click.option("--cache", type=click.Path(path_type=Path), help="Cache folder [default: cache/<dataset>/<model>.zarr].")
 @click.option("--model", default=None, help="open_clip model name [default: the shipped CrossTVR-Tiny].")
-@click.option("--pretrained", default=None, help="open_clip pretrained tag (e.g. openai) or a local checkpoint path.")
+@click.option("--pretrained", default=None,
+              help="open_clip tag (e.g. openai), a local checkpoint path, or 'random' "
+                   "[default: the shipped weights of CrossTVR-Tiny; random for other models].")
 @click.option("--frames", default=12, show_default=True, help="Frames sampled uniformly per video.")
 @click.option("--patch-layer", default=-1, show_default=True, help="Visual block whose patch tokens are stored.")
 @click.option("--max-text-tokens", default=32, show_default=True, help="Text tokens kept per caption.")
@@ -164,7 +170,7 @@ def make_synthetic_cmd(out, videos, seed, size, seconds) -> None:
 @click.option("--run", type=click.Path(path_type=Path), help="Run folder [default: runs/<timestamp>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --run from its last checkpoint.")
 @click.option("--split", default="train", show_default=True)
-@click.option("--epochs", default=20, show_default=True)
+@click.option("--epochs", default=5, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--hard-negatives", default=2, show_default=True, help="First-stage top candidates used as negatives.")
 @click.option("--lr", default=2e-3, show_default=True)

@@ -32,7 +32,7 @@ class TrainConfig:
     run: str = ""
     split: str = "train"
     val_split: str = "val"
-    epochs: int = 20
+    epochs: int = 5  # passes over the videos as anchors (each anchor brings its hard negatives)
     batch_size: int = 32  # captions (one per video) per step
     hard_negatives: int = 2  # from the first stage's top candidates, the caption's own video excluded
     lr: float = 2e-3  # reranker
