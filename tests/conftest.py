@@ -39,15 +39,11 @@ def noise_frames(n: int, seed: int, h: int = 48, w: int = 64) -> np.ndarray:
     return np.repeat(np.repeat(small, 8, axis=1), 8, axis=2)
 
 
-@pytest.fixture
-def tiny_dataset(tmp_path: Path) -> Path:
-    """A manifest dataset of five short videos (one only 3 frames long), 2 captions each, three splits."""
-    root = tmp_path / "data"
+def write_manifest_dataset(root: Path, splits: list[str], lengths: list[int], h: int = 48, w: int = 64) -> Path:
+    """Noise videos videos/clip<i>.mp4 of the given frame counts, two captions each, and their manifest.csv."""
     rows = []
-    splits = ["train", "train", "val", "test", "test"]
-    for i, split in enumerate(splits):
-        n = 3 if i == 4 else 20 + i
-        write_video(root / "videos" / f"clip{i}.mp4", noise_frames(n, seed=i))
+    for i, (split, n) in enumerate(zip(splits, lengths)):
+        write_video(root / "videos" / f"clip{i}.mp4", noise_frames(n, seed=i, h=h, w=w))
         rows += [(f"videos/clip{i}.mp4", f"clip number {i} with noise", split),
                  (f"videos/clip{i}.mp4", f"another caption for clip {i}", split)]
     with open(root / "manifest.csv", "w", newline="") as f:
@@ -55,6 +51,12 @@ def tiny_dataset(tmp_path: Path) -> Path:
         writer.writerow(["video", "caption", "split"])
         writer.writerows(rows)
     return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    """A manifest dataset of five short videos (one only 3 frames long), 2 captions each, three splits."""
+    return write_manifest_dataset(tmp_path / "data", ["train", "train", "val", "test", "test"], [20, 21, 22, 23, 3])
 
 
 def make_feature_cache(path: Path, splits: dict[str, int], captions: int = 2, frames: int = 4, patches: int = 4,

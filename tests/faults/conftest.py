@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import noise_frames, write_video
+from tests.conftest import write_manifest_dataset
 from tests.faults.harness import extract_args, run_cli
 
 
 @pytest.fixture(scope="session")
 def fault_data(tmp_path_factory) -> Path:
     """Six short videos (one 3 frames long), two captions each, three splits: blocks of 2 give 3 blocks."""
-    root = tmp_path_factory.mktemp("faults") / "data"
-    rows = []
-    for i, split in enumerate(["train", "train", "train", "val", "test", "test"]):
-        write_video(root / "videos" / f"clip{i}.mp4", noise_frames(3 if i == 5 else 14 + i, seed=i, h=32, w=40))
-        rows += [(f"videos/clip{i}.mp4", f"clip number {i} with noise", split),
-                 (f"videos/clip{i}.mp4", f"another caption for clip {i}", split)]
-    with open(root / "manifest.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["video", "caption", "split"])
-        writer.writerows(rows)
-    return root
+    return write_manifest_dataset(tmp_path_factory.mktemp("faults") / "data",
+                                  ["train", "train", "train", "val", "test", "test"], [14, 15, 16, 17, 18, 3], h=32, w=40)
 
 
 @pytest.fixture(scope="session")
