@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,14 @@ class SplitFeatures:
         if len(videos) == 0 or len(texts) == 0:
             raise UserError(f"{cache.path}: split '{split}' has no extracted videos with captions; run `extract` first")
         return cls(cache, split, videos, texts, position[text_video_all[texts]])
+
+    @functools.cached_property
+    def captions_of(self) -> list[list[int]]:
+        """For each video position of the split, its caption positions (computed once)."""
+        captions_of: list[list[int]] = [[] for _ in range(self.n_videos)]
+        for t, v in enumerate(self.text_video):
+            captions_of[v].append(t)
+        return captions_of
 
     @property
     def n_videos(self) -> int:

@@ -115,21 +115,13 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _captions_of(feats: SplitFeatures) -> list[list[int]]:
-    """For each video position of the split, its caption positions."""
-    captions_of: list[list[int]] = [[] for _ in range(feats.n_videos)]
-    for t, v in enumerate(feats.text_video):
-        captions_of[v].append(t)
-    return captions_of
-
-
 def _epoch_plan(feats: SplitFeatures, cfg: TrainConfig, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Steps of anchors: (video positions, one caption position per video), shuffled from (seed, epoch).
 
     Each anchor later brings its hard negatives into a group, so a step holds batch_size // (1 + N) anchors.
     """
     rng = np.random.default_rng([cfg.seed, epoch])
-    captions_of = _captions_of(feats)
+    captions_of = feats.captions_of
     order = rng.permutation(feats.n_videos)
     usable = order[[len(captions_of[v]) > 0 for v in order]]
     anchors = max(2, cfg.batch_size // (1 + cfg.hard_negatives))
@@ -161,7 +153,7 @@ def _mine_groups(model, feats, bank, caps, vids, n_neg, device, rng) -> tuple[np
     sims = model.first_stage.encode_text(text).float().cpu() @ bank.T  # [A, V]
     sims[torch.arange(len(vids)), torch.from_numpy(vids)] = -math.inf
     negs = sims.topk(n_neg, dim=1).indices.numpy()  # [A, N]
-    captions_of = _captions_of(feats)
+    captions_of = feats.captions_of
     neg_caps = np.array([[captions_of[u][rng.integers(len(captions_of[u]))] for u in row] for row in negs])
     return np.concatenate([vids[:, None], negs], 1), np.concatenate([caps[:, None], neg_caps], 1)
 
