@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -17,7 +18,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pipeline.errors import UserError  # noqa: E402
 
 
-_CHATTY = tuple(str(Path(m.__file__).parent) for m in (__import__("open_clip"), __import__("huggingface_hub")))
+# Where open_clip and the hub live, found without importing them (that would slow every command's start).
+_CHATTY = tuple(str(Path(spec.origin).parent) for spec in map(importlib.util.find_spec, ("open_clip", "huggingface_hub"))
+                if spec and spec.origin)
 
 
 def _friendly(fn):
