@@ -44,7 +44,7 @@ def main() -> None:
     import torch
 
     from pipeline.cache import DEFAULT_COMPRESSION, FeatureCache
-    from reranker.data import SplitFeatures
+    from reranker.data import SplitFeatures, to_device
     from reranker.evaluate import _evaluate, _rerank_pairs, first_stage_sims, rerank
     from reranker.metrics import topk_candidates
     from reranker.model import CrossTVR
@@ -117,8 +117,7 @@ def main() -> None:
             texts_u, t_inv = np.unique(text_pos, return_inverse=True)
             videos_u, v_inv = np.unique(video_pos, return_inverse=True)
             with sw("read texts+videos (cache)"):
-                t = feats.read_texts(texts_u)
-                v = feats.read_videos(videos_u)
+                t, v = to_device(feats.read_texts(texts_u), device), to_device(feats.read_videos(videos_u), device)
             with sw("encode_queries"):
                 queries, qmask = r.encode_queries(t["text_tokens"], t["text_lengths"])
             with sw(f"encode_frames ({len(videos_u)} videos)"):

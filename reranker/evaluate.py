@@ -16,7 +16,7 @@ from pipeline.cache import FeatureCache
 from pipeline.encoder import autocast, default_device
 from pipeline.errors import UserError
 from reranker import metrics as M
-from reranker.data import SplitFeatures
+from reranker.data import SplitFeatures, to_device
 from reranker.model import CrossTVR
 from reranker.train import TrainConfig, cache_signature, load_model, model_config_for, video_bank
 
@@ -28,7 +28,7 @@ def first_stage_sims(model: CrossTVR, feats: SplitFeatures, device: torch.device
     """Cosine similarity of every caption with every video of the split: float32 [texts, videos]."""
     videos = video_bank(model, feats, device)  # [V, E]
     with autocast(device):
-        texts = model.first_stage.encode_text(feats.all_text_embeds().to(device)).float().cpu()  # [N, E]
+        texts = model.first_stage.encode_text(feats.all_text_embeds().to(device).float()).float().cpu()  # [N, E]
     return (texts @ videos.T).numpy().astype(np.float32)
 
 
@@ -38,8 +38,7 @@ def _rerank_pairs(model: CrossTVR, feats: SplitFeatures, text_pos: np.ndarray, v
     """Reranker logits of (caption, video) pairs; each distinct caption and video is encoded once."""
     texts_u, t_inv = np.unique(text_pos, return_inverse=True)
     videos_u, v_inv = np.unique(video_pos, return_inverse=True)
-    t = {k: v.to(device) for k, v in feats.read_texts(texts_u).items()}
-    v = {k: val.to(device) for k, val in feats.read_videos(videos_u).items()}
+    t, v = to_device(feats.read_texts(texts_u), device), to_device(feats.read_videos(videos_u), device)
     r = model.reranker
     with autocast(device):
         queries, qmask = r.encode_queries(t["text_tokens"], t["text_lengths"])

@@ -11,7 +11,7 @@ import torch
 from pipeline.cache import FeatureCache
 from pipeline.encoder import FrozenEncoder, autocast, default_device
 from pipeline.errors import UserError
-from reranker.data import SplitFeatures
+from reranker.data import SplitFeatures, to_device
 from reranker.evaluate import check_compatible
 from reranker.train import load_model, video_bank
 
@@ -54,7 +54,7 @@ def search(cache_path: Path, run: Path, query: str, top: int = 10, top_k: int = 
         first = (model.first_stage.encode_text(emb.to(device)).float().cpu() @ bank.T)[0]  # [V]
     k = min(top_k, feats.n_videos)
     candidates = first.topk(k).indices.numpy()
-    v = {name: t.to(device) for name, t in feats.read_videos(candidates).items()}
+    v = to_device(feats.read_videos(candidates), device)
     with autocast(device):
         logits = model.reranker.score_candidates(tokens[0].to(device), int(lengths[0]), v["patch_tokens"],
                                                  v["cls_tokens"], v["frame_mask"]).float().cpu()

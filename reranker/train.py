@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pipeline.cache import FeatureCache
 from pipeline.encoder import autocast, default_device
 from pipeline.errors import UserError
-from reranker.data import SplitFeatures
+from reranker.data import SplitFeatures, to_device
 from reranker.model import CrossTVR, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def video_bank(model: CrossTVR, feats: SplitFeatures, device: torch.device, bloc
     for lo in range(0, feats.n_videos, block):
         fe, fm = feats.read_frame_embeds(np.arange(lo, min(lo + block, feats.n_videos)))
         with autocast(device):
-            parts.append(model.first_stage.encode_video(fe.to(device), fm.to(device)).float().cpu())
+            parts.append(model.first_stage.encode_video(fe.to(device).float(), fm.to(device)).float().cpu())
     return torch.cat(parts)
 
 
@@ -149,7 +149,7 @@ def video_bank(model: CrossTVR, feats: SplitFeatures, device: torch.device, bloc
 def _mine_groups(model, feats, bank, caps, vids, n_neg, device, rng) -> tuple[np.ndarray, np.ndarray]:
     """Each anchor's group: its video and the n_neg videos the current first stage ranks highest for its
     caption (its own excluded), each with one of its own captions: videos [A, 1+N], captions [A, 1+N]."""
-    text = feats.read_texts(caps)["text_embeds"].to(device)
+    text = feats.read_texts(caps)["text_embeds"].to(device).float()
     sims = model.first_stage.encode_text(text).float().cpu() @ bank.T  # [A, V]
     sims[torch.arange(len(vids)), torch.from_numpy(vids)] = -math.inf
     negs = sims.topk(n_neg, dim=1).indices.numpy()  # [A, N]
@@ -171,8 +171,7 @@ def _forward(model: CrossTVR, batch: dict, device: torch.device) -> tuple[torch.
     the others' captions, so the reranker cannot win by scoring videos (or captions) on their own.
     """
     A, G = batch["video_ids"].shape  # anchors, group size 1 + N
-    t = {k: v.to(device) for k, v in batch["texts"].items()}
-    v = {k: val.to(device) for k, val in batch["videos"].items()}
+    t, v = to_device(batch["texts"], device), to_device(batch["videos"], device)  # fp16 -> float32 on the device
     anchor = torch.arange(A, device=device) * G  # rows of the anchors' own caption and video
     fs = model.first_stage
     contrastive = fs.contrastive_loss(fs.encode_text(t["text_embeds"][anchor]),

@@ -65,11 +65,11 @@ def test_zero_shot_equals_raw_clip_cosine(trained):
     from reranker.data import SplitFeatures
 
     feats = SplitFeatures.open(FeatureCache(cache), "test")
-    fe, fm = feats.read_frame_embeds(np.arange(feats.n_videos))
+    fe = feats.read_frame_embeds(np.arange(feats.n_videos))[0].float()  # stored fp16
     frames = fe.numpy() / np.linalg.norm(fe.numpy(), axis=-1, keepdims=True)
     video = frames.mean(axis=1)
     video /= np.linalg.norm(video, axis=-1, keepdims=True)
-    text = feats.all_text_embeds().numpy()
+    text = feats.all_text_embeds().float().numpy()
     text /= np.linalg.norm(text, axis=-1, keepdims=True)
     np.testing.assert_allclose(np.load(tmp / "zs" / "first_stage_sims.npy"), text @ video.T, atol=1e-5)
 
