@@ -72,6 +72,9 @@ def _resolve_cache(cache: Path | None) -> Path:
                    "[default: the shipped weights of CrossTVR-Tiny; random for other models].")
 @click.option("--frames", default=12, show_default=True, help="Frames sampled uniformly per video.")
 @click.option("--patch-layer", default=-1, show_default=True, help="Visual block whose patch tokens are stored.")
+@click.option("--text-layer", type=int, default=None,
+              help="Text tokens stored after this many text blocks (0 = token embeddings, -1 = last) "
+                   "[default: 0 for the shipped CrossTVR-Tiny, -1 otherwise].")
 @click.option("--max-text-tokens", default=32, show_default=True, help="Text tokens kept per caption.")
 @click.option("--batch-videos", default=8, show_default=True, help="Videos encoded per batch.")
 @click.option("--workers", default=4, show_default=True, help="Decoder threads running ahead of the encoder.")
@@ -80,15 +83,16 @@ def _resolve_cache(cache: Path | None) -> Path:
 @click.option("--strict", is_flag=True, help="Exit non-zero when a video could not be decoded.")
 @click.option("--repair", is_flag=True, help="Re-read every finished chunk and redo the videos/captions found damaged.")
 @_friendly
-def extract(dataset, data_root, cache, model, pretrained, frames, patch_layer, max_text_tokens, batch_videos, workers,
-            shard, overwrite, strict, repair) -> None:
+def extract(dataset, data_root, cache, model, pretrained, frames, patch_layer, text_layer, max_text_tokens, batch_videos,
+            workers, shard, overwrite, strict, repair) -> None:
     """Stage one: decode each video once, run the frozen encoder once, store features in a Zarr cache."""
     from pipeline.encoder import DEFAULT_MODEL
     from pipeline.extract import ExtractConfig, run_extract
 
     cfg = ExtractConfig(dataset=dataset, data_root=data_root, cache=cache, model=model or DEFAULT_MODEL,
-                        pretrained=pretrained, frames=frames, patch_layer=patch_layer, max_text_tokens=max_text_tokens,
-                        batch_videos=batch_videos, workers=workers, shard=shard, overwrite=overwrite, repair=repair)
+                        pretrained=pretrained, frames=frames, patch_layer=patch_layer, text_layer=text_layer,
+                        max_text_tokens=max_text_tokens, batch_videos=batch_videos, workers=workers, shard=shard,
+                        overwrite=overwrite, repair=repair)
     summary = run_extract(cfg)
     if repair:
         click.echo(f"repaired {len(summary.repaired)} damaged video(s)/caption chunk(s)")
@@ -120,7 +124,11 @@ def info(cache, as_json, verify) -> None:
     click.echo(f"cache        {facts['cache']} ({facts['bytes'] / 2**20:.1f} MiB)")
     click.echo(f"dataset      {facts['dataset']}")
     click.echo(f"model        {facts['model']}  weights: {facts['pretrained'] or 'RANDOM (no --pretrained)'}")
-    click.echo(f"frames       {facts['frames']} at {facts['image_size']} px, patch tokens of block {facts['patch_layer']}")
+    text_layer = facts["text_layer"]
+    text = ("text tokens of an unrecorded text block (cache predates --text-layer)" if text_layer is None
+            else f"text tokens after {text_layer} text blocks")
+    click.echo(f"frames       {facts['frames']} at {facts['image_size']} px, "
+               f"patch tokens of block {facts['patch_layer']}, {text}")
     click.echo(f"videos       {facts['videos_done']}/{facts['videos_total']} done, {len(facts['failed'])} failed")
     click.echo(f"captions     {facts['texts']} ({facts['text_chunks_done']}/{facts['text_chunks_total']} chunks done, "
                f"{facts['texts_truncated']} truncated)")

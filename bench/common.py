@@ -179,8 +179,8 @@ def write_synthetic_cache(path: Path, shape: Shape, splits: dict[str, int], capt
                            tuple(f"caption {c} of {split} video {i}" for c in range(captions)), split)
                for split, n in splits.items() for i in range(n)]
     spec = CacheSpec(dataset="manifest", model="bench", pretrained="", pretrained_sha256="", frames=shape.T,
-                     image_size=224, patch_layer=0, max_text_tokens=shape.L, num_patches=shape.P, patch_width=shape.W,
-                     text_width=shape.Wt, embed_dim=shape.E, compression=compression)
+                     image_size=224, patch_layer=0, text_layer=0, max_text_tokens=shape.L, num_patches=shape.P,
+                     patch_width=shape.W, text_width=shape.Wt, embed_dim=shape.E, compression=compression)
     n_texts = len(records) * captions
     lengths = caption_lengths(rng, n_texts, shape.L)
     pool = pool or FeaturePool(shape, seed=seed)

@@ -9,7 +9,8 @@ Layout of one group (one per dataset and model), V videos, N captions:
     frame_embeds [V, T, E] f16       per-frame embeddings in the joint space (encode_image)
     frame_mask   [V, T] bool         False where a short video had no frame to fill the slot
     captions [N] str, text_video [N] int32 (caption -> video index)
-    text_tokens [N, L, W_text] f16, text_lengths [N] int16, text_embeds [N, E] f16
+    text_tokens [N, L, W_text] f16    text tokens after `text_layer` text blocks (0: token + position embeddings)
+    text_lengths [N] int16, text_embeds [N, E] f16
     text_chunk_status [ceil(N / TEXT_CHUNK)] int8   one flag per caption chunk
 
 Per-video arrays are chunked one video per chunk, so shard processes never write the same chunk;
@@ -56,7 +57,7 @@ VIDEO_FEATURES = ("patch_tokens", "cls_tokens", "frame_embeds", "frame_mask")
 
 # Cache metadata that must match the request for an existing cache to be reused.
 _MATCH_KEYS = ("schema_version", "model", "pretrained", "pretrained_sha256", "frames", "image_size",
-               "patch_layer", "max_text_tokens", "records_sha256")
+               "patch_layer", "text_layer", "max_text_tokens", "records_sha256")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class CacheSpec:
     frames: int
     image_size: int
     patch_layer: int
+    text_layer: int  # text tokens after this many text blocks (0 = token + position embeddings)
     max_text_tokens: int
     num_patches: int
     patch_width: int
@@ -246,6 +248,9 @@ class FeatureCache:
             cache = cls(path, mode="r+")
         wanted = spec.attrs(records, truncated)
         for key in _MATCH_KEYS:
+            if key == "text_layer" and key not in cache.attrs:
+                raise UserError(f"{path}: cache predates --text-layer and does not record which text block its "
+                                "text tokens come from; re-extract it with --overwrite")
             if cache.attrs.get(key) != wanted[key]:
                 what = "video list or captions" if key == "records_sha256" else key
                 raise UserError(
@@ -430,6 +435,7 @@ class FeatureCache:
             "frames": self.attrs["frames"],
             "image_size": self.attrs["image_size"],
             "patch_layer": self.attrs["patch_layer"],
+            "text_layer": self.attrs.get("text_layer"),  # None: a cache from before text_layer was recorded
             "splits": {name: {"videos": int((split == name).sum()), "texts": int((text_split == name).sum())}
                        for name in sorted(set(split.tolist()))},
             "arrays": shapes,

@@ -19,6 +19,8 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # weights we pretrain ourselves (cli.py pretrain-tiny), shipped
 DEFAULT_MODEL = "CrossTVR-Tiny"
 RANDOM = "random"  # pretrained="random": random init on purpose (tests, ablations), still warned about
+# Measured (see docs/benchmarks.md): the shipped tiny model's text blocks smear word identity, its input tokens keep it.
+DEFAULT_TEXT_LAYER = {DEFAULT_MODEL: 0}
 
 
 def register_model_configs() -> None:
@@ -50,6 +52,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def resolve_text_layer(model_name: str, text_layer: int | None, n_blocks: int) -> int:
+    """Text tokens after how many of the n_blocks text blocks (0..n_blocks); None = the model's default, -1 = last."""
+    if text_layer is None:
+        text_layer = DEFAULT_TEXT_LAYER.get(model_name, -1)
+    if not -(n_blocks + 1) <= text_layer <= n_blocks:
+        raise UserError(f"--text-layer {text_layer} out of range: {model_name} has {n_blocks} text blocks "
+                        f"(0 = token embeddings .. {n_blocks} = last, or -{n_blocks + 1}..-1)")
+    return text_layer % (n_blocks + 1)
+
+
 def shipped_weights(model_name: str) -> Path | None:
     """The checksum-verified weights shipped in pipeline/weights/ for model_name, or None if none ship."""
     path = WEIGHTS_DIR / f"{model_name}.safetensors"
@@ -74,6 +86,7 @@ class EncoderInfo:
     pretrained_sha256: str  # checksum of a local checkpoint, else ""
     image_size: int
     patch_layer: int
+    text_layer: int  # text tokens after this many text blocks: 0 = token + position embeddings, n_blocks = last
     num_patches: int  # P: grid patches per frame (the class token is stored apart)
     patch_width: int  # W: width of the vision transformer
     text_width: int  # W_text: width of the text transformer
@@ -112,6 +125,7 @@ class FrozenEncoder:
         pretrained: str | None = None,
         device: torch.device | None = None,
         patch_layer: int = -1,
+        text_layer: int | None = None,
         max_text_tokens: int = 32,
     ) -> None:
         import open_clip
@@ -139,6 +153,7 @@ class FrozenEncoder:
         n_blocks = len(self.visual.transformer.resblocks)
         if not -n_blocks <= patch_layer < n_blocks:
             raise UserError(f"--patch-layer {patch_layer} out of range: {model_name} has {n_blocks} visual blocks")
+        text_layer = resolve_text_layer(model_name, text_layer, len(self.text_transformer.resblocks))
         self.tokenizer = open_clip.get_tokenizer(model_name)
         cfg = open_clip.get_model_preprocess_cfg(model)
         size = cfg["size"]
@@ -153,6 +168,7 @@ class FrozenEncoder:
             pretrained_sha256=file_sha256(Path(pretrained)) if pretrained and Path(pretrained).is_file() else "",
             image_size=image_size,
             patch_layer=patch_layer % n_blocks,
+            text_layer=text_layer,
             num_patches=int(self.visual.positional_embedding.shape[0]) - 1,
             patch_width=int(self.visual.class_embedding.shape[-1]),
             text_width=int(self.text_transformer.width),
@@ -161,15 +177,17 @@ class FrozenEncoder:
         )
 
     @staticmethod
-    def _capture(module: torch.nn.Module, batch_first: bool):
-        """Forward hook storing a block's output as [B, L, W]."""
+    def _capture(module: torch.nn.Module, batch_first: bool, before: bool = False):
+        """Forward hook storing a block's output (before=True: its input) as [B, L, W]."""
         store: dict[str, torch.Tensor] = {}
 
-        def hook(_mod, _inp, out):
-            out = out[0] if isinstance(out, tuple) else out
-            store["x"] = out if batch_first else out.transpose(0, 1)
+        def keep(x):
+            x = x[0] if isinstance(x, tuple) else x
+            store["x"] = x if batch_first else x.transpose(0, 1)
 
-        return store, module.register_forward_hook(hook)
+        if before:
+            return store, module.register_forward_pre_hook(lambda _mod, args: keep(args[0]))
+        return store, module.register_forward_hook(lambda _mod, _inp, out: keep(out))
 
     @torch.no_grad()
     def encode_frames(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -197,11 +215,13 @@ class FrozenEncoder:
 
     @torch.no_grad()
     def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
-        """Captions -> text tokens [N, L, W_text] (L = max_text_tokens), lengths [N], embeddings [N, E]."""
+        """Captions -> text tokens [N, L, W_text] after info.text_layer blocks (L = max_text_tokens), lengths, embeddings."""
         ids, lengths, _ = self.tokenize(captions)
         # A causal text transformer: positions before L never see the padding after them, so
         # these tokens and this embedding are exactly what open_clip computes for the (cut) caption.
-        store, handle = self._capture(self.text_transformer.resblocks[-1], self.text_transformer.batch_first)
+        blocks, k = self.text_transformer.resblocks, self.info.text_layer
+        store, handle = self._capture(blocks[min(k, len(blocks) - 1)], self.text_transformer.batch_first,
+                                      before=k < len(blocks))
         try:
             with autocast(self.device):
                 emb = self.model.encode_text(ids.to(self.device))

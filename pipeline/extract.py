@@ -35,6 +35,7 @@ class ExtractConfig:
     pretrained: str | None = None
     frames: int = 12
     patch_layer: int = -1
+    text_layer: int | None = None  # None: the model's default (encoder.DEFAULT_TEXT_LAYER, else the last block)
     max_text_tokens: int = 32
     batch_videos: int = 8
     workers: int = 4
@@ -97,7 +98,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         log.warning("%d of %d annotated videos are missing on disk (first: %s); they are recorded as failed",
                     len(missing), len(records), first)
 
-    encoder = FrozenEncoder(cfg.model, cfg.pretrained, patch_layer=cfg.patch_layer, max_text_tokens=cfg.max_text_tokens)
+    encoder = FrozenEncoder(cfg.model, cfg.pretrained, patch_layer=cfg.patch_layer, text_layer=cfg.text_layer,
+                            max_text_tokens=cfg.max_text_tokens)
     info = encoder.info
     captions = [c for r in records for c in r.captions]
     _, lengths, truncated = encoder.tokenize(captions)
@@ -106,7 +108,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
                  int(truncated.sum()), len(captions), encoder.max_text_tokens)
     spec = CacheSpec(
         dataset=cfg.dataset, model=info.model, pretrained=info.pretrained, pretrained_sha256=info.pretrained_sha256,
-        frames=cfg.frames, image_size=info.image_size, patch_layer=info.patch_layer,
+        frames=cfg.frames, image_size=info.image_size, patch_layer=info.patch_layer, text_layer=info.text_layer,
         max_text_tokens=encoder.max_text_tokens, num_patches=info.num_patches, patch_width=info.patch_width,
         text_width=info.text_width, embed_dim=info.embed_dim, compression=cfg.compression,
     )

@@ -32,7 +32,9 @@ def query_encoder(cache: FeatureCache) -> FrozenEncoder:
     if not a["pretrained"]:
         raise UserError(f"{cache.path}: built with random encoder weights, which cannot be reproduced to encode a "
                         "query; rebuild the cache with --pretrained (or the shipped default weights)")
-    encoder = FrozenEncoder(a["model"], a["pretrained"], patch_layer=a["patch_layer"], max_text_tokens=a["max_text_tokens"])
+    # The query's text tokens must come from the block the cache's did; caches older than text_layer stored the last.
+    encoder = FrozenEncoder(a["model"], a["pretrained"], patch_layer=a["patch_layer"],
+                            text_layer=a.get("text_layer", -1), max_text_tokens=a["max_text_tokens"])
     if encoder.info.pretrained_sha256 != a["pretrained_sha256"]:
         raise UserError(f"{a['pretrained']}: checkpoint differs from the one {cache.path} was built with; "
                         "pass the same weights or rebuild the cache")

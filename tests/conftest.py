@@ -75,8 +75,8 @@ def make_feature_cache(path: Path, splits: dict[str, int], captions: int = 2, fr
                            tuple(f"caption {c} of {split} video {i}" for c in range(captions)), split)
                for split, n in splits.items() for i in range(n)]
     spec = CacheSpec(dataset="manifest", model="fake", pretrained="", pretrained_sha256="", frames=frames,
-                     image_size=32, patch_layer=0, max_text_tokens=text_len, num_patches=patches, patch_width=width,
-                     text_width=text_width, embed_dim=embed)
+                     image_size=32, patch_layer=0, text_layer=0, max_text_tokens=text_len, num_patches=patches,
+                     patch_width=width, text_width=text_width, embed_dim=embed)
     n_texts = len(records) * captions
     lengths = rng.integers(3, text_len + 1, size=n_texts)
     cache = FeatureCache.open_or_create(path, spec, records, lengths, 0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.encoder import DEFAULT_MODEL, FrozenEncoder, file_sha256
+from pipeline.encoder import DEFAULT_MODEL, FrozenEncoder, file_sha256, resolve_text_layer
 from pipeline.errors import UserError
 
 
@@ -18,6 +18,12 @@ from pipeline.errors import UserError
 def encoder() -> FrozenEncoder:
     torch.manual_seed(0)
     return FrozenEncoder(DEFAULT_MODEL, device=torch.device("cpu"))
+
+
+def _with_text_layer(encoder: FrozenEncoder, text_layer: int) -> FrozenEncoder:
+    enc = FrozenEncoder(DEFAULT_MODEL, device=torch.device("cpu"), text_layer=text_layer)
+    enc.model.load_state_dict(encoder.model.state_dict())
+    return enc
 
 
 def _pixels(enc: FrozenEncoder, frames: np.ndarray) -> torch.Tensor:
@@ -40,9 +46,10 @@ def test_patch_tokens_repool_to_encode_image(encoder):
 
 
 def test_text_tokens_repool_to_encode_text(encoder):
+    last = _with_text_layer(encoder, -1)  # the last block's tokens are what encode_text pools
     captions = ["a red circle moves to the left", "a blue square", "word " * 60]
-    tokens, lengths, emb = encoder.encode_captions(captions)
-    assert tokens.shape == (3, 32, encoder.info.text_width)
+    tokens, lengths, emb = last.encode_captions(captions)
+    assert last.info.text_layer == 4 and tokens.shape == (3, 32, encoder.info.text_width)
     assert lengths[0] == 9 and lengths[2] == 32  # SOT + 7 words + EOT; the long one is cut at 32
     assert not tokens[0, lengths[0]:].any() and tokens[0, : lengths[0]].abs().sum(-1).min() > 0
     m = encoder.model
@@ -51,6 +58,43 @@ def test_text_tokens_repool_to_encode_text(encoder):
         reference = m.encode_text(open_clip.get_tokenizer(DEFAULT_MODEL)(captions))
     torch.testing.assert_close(repooled, reference, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(emb, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_text_layer_0_is_token_plus_position_embeddings(encoder):
+    assert encoder.info.text_layer == 0  # the shipped tiny model's default
+    captions = ["a red circle moves to the left", "word " * 60]
+    tokens, lengths, emb = encoder.encode_captions(captions)
+    m = encoder.model
+    ids = open_clip.get_tokenizer(DEFAULT_MODEL)(captions, context_length=32)  # [2, 32], EOT kept when cut
+    with torch.no_grad():
+        reference = m.token_embedding(ids) + m.positional_embedding[:32]  # [2, 32, W_text]
+        reference[0, lengths[0]:] = 0
+        torch.testing.assert_close(tokens, reference)
+        torch.testing.assert_close(emb, m.encode_text(open_clip.get_tokenizer(DEFAULT_MODEL)(captions)),
+                                   rtol=1e-4, atol=1e-5)  # the embedding is still the model's final one
+
+
+def test_text_layers_differ_and_count_from_the_end(encoder):
+    captions = ["a red circle moves to the left", "a blue square"]
+    by_layer = {k: _with_text_layer(encoder, k).encode_captions(captions) for k in (1, 4, -1, -5)}
+    assert torch.equal(by_layer[4][0], by_layer[-1][0])
+    assert torch.equal(by_layer[-5][0], encoder.encode_captions(captions)[0])
+    first, second = by_layer[-5][0], by_layer[1][0]
+    assert not torch.allclose(first, second) and not torch.allclose(second, by_layer[4][0])
+    for k in (1, 4):
+        torch.testing.assert_close(by_layer[k][2], by_layer[-5][2])  # the embedding does not depend on the layer
+    assert not second[0, 9:].any() and second[0, :9].abs().sum(-1).min() > 0  # padding still zeroed
+
+
+def test_text_layer_default_and_range():
+    assert resolve_text_layer(DEFAULT_MODEL, None, 4) == 0
+    assert resolve_text_layer("ViT-B-32", None, 12) == 12  # real CLIP keeps the last block
+    assert resolve_text_layer("ViT-B-32", -1, 12) == 12 and resolve_text_layer("ViT-B-32", -13, 12) == 0
+    for bad in (5, -6):
+        message = rf"--text-layer {bad} out of range: {DEFAULT_MODEL} has 4 text blocks"
+        with pytest.raises(UserError, match=message) as err:
+            FrozenEncoder(DEFAULT_MODEL, device=torch.device("cpu"), text_layer=bad)
+        assert "\n" not in str(err.value)
 
 
 def test_truncation_is_counted(encoder):

@@ -133,6 +133,29 @@ def test_cache_of_other_settings_is_refused_then_overwritten(extracted, tiny_dat
     assert FeatureCache(summary.cache)["frame_mask"].shape == (5, 8)
 
 
+def test_cache_of_another_text_layer_is_refused(extracted, tiny_dataset):
+    summary, cache = extracted
+    assert cache.attrs["text_layer"] == 0  # the shipped tiny model's default
+    with pytest.raises(UserError, match=r"another text_layer \(0 != 4\); pass --overwrite"):
+        run_extract(_cfg(tiny_dataset, summary.cache, text_layer=-1))
+
+
+def test_cache_without_text_layer_is_refused_with_advice(extracted, tiny_dataset):
+    summary, cache = extracted
+    cache.group.attrs.put({k: v for k, v in cache.attrs.items() if k != "text_layer"})  # as written before text_layer
+    assert FeatureCache(summary.cache).describe()["text_layer"] is None
+    with pytest.raises(UserError, match="predates --text-layer .* re-extract it with --overwrite") as err:
+        run_extract(_cfg(tiny_dataset, summary.cache))
+    assert "\n" not in str(err.value)
+
+
+def test_text_layer_flag_reaches_the_encoder(tiny_dataset, tmp_path):
+    args = ["extract", "--dataset", "manifest", "--data-root", str(tiny_dataset), "--cache", str(tmp_path / "c.zarr")]
+    result = CliRunner().invoke(cli.main, args + ["--text-layer", "9"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "--text-layer 9 out of range: CrossTVR-Tiny has 4 text blocks" in result.output
+
+
 def test_cache_of_another_video_list_is_refused(extracted, tiny_dataset):
     summary, _ = extracted
     with open(tiny_dataset / "manifest.csv", "a") as f:
@@ -164,7 +187,9 @@ def test_info_json_and_export_h5(extracted, tmp_path):
     assert result.exit_code == 0, result.output
     facts = json.loads(result.output)
     assert facts["videos_done"] == facts["videos_total"] == 5 and facts["texts"] == 10 and facts["failed"] == []
-    assert facts["model"] == "CrossTVR-Tiny" and facts["frames"] == 12
+    assert facts["model"] == "CrossTVR-Tiny" and facts["frames"] == 12 and facts["text_layer"] == 0
+    text = CliRunner().invoke(cli.main, ["info", "--cache", str(summary.cache)])
+    assert "patch tokens of block 3, text tokens after 0 text blocks" in text.output, text.output
     assert facts["pretrained"].endswith("weights/CrossTVR-Tiny.safetensors")
     assert facts["splits"] == {"test": {"videos": 2, "texts": 4}, "train": {"videos": 2, "texts": 4},
                                "val": {"videos": 1, "texts": 2}}
