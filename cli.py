@@ -183,7 +183,10 @@ def make_synthetic_cmd(out, videos, seed, size, seconds) -> None:
 @click.option("--split", default="train", show_default=True)
 @click.option("--epochs", default=5, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--hard-negatives", default=2, show_default=True, help="First-stage top candidates used as negatives.")
+@click.option("--hard-negatives", default=1, show_default=True,
+              help="Negatives per caption from its top first-stage candidates.")
+@click.option("--neighbour-negatives", default=1, show_default=True,
+              help="Negatives per caption from the videos nearest to its own video (near twins).")
 @click.option("--lr", default=2e-3, show_default=True)
 @click.option("--temporal", type=click.Choice(["mean", "transformer"]), default="mean", show_default=True)
 @click.option("--spatial", type=click.Choice(["attention", "cls", "flat"]), default="attention", show_default=True)
@@ -192,15 +195,16 @@ def make_synthetic_cmd(out, videos, seed, size, seconds) -> None:
 @click.option("--checkpoint-every", default=50, show_default=True, help="Steps between checkpoints.")
 @click.option("--allow-partial", is_flag=True, help="Train on a cache whose extraction is unfinished.")
 @_friendly
-def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives, lr, temporal, spatial,
-                   share_attention, seed, checkpoint_every, allow_partial) -> None:
+def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives, neighbour_negatives, lr, temporal,
+                   spatial, share_attention, seed, checkpoint_every, allow_partial) -> None:
     """Stage two: train the first stage and the reranker from cached tensors only."""
     from reranker.train import TrainConfig, train
 
     if resume and run is None:
         raise UserError("--resume needs --run DIR (the run to continue)")
     cfg = TrainConfig(cache=str(_resolve_cache(cache)) if not resume else "", run=str(run or ""), split=split,
-                      epochs=epochs, batch_size=batch_size, hard_negatives=hard_negatives, lr=lr, temporal=temporal,
+                      epochs=epochs, batch_size=batch_size, hard_negatives=hard_negatives,
+                      neighbour_negatives=neighbour_negatives, lr=lr, temporal=temporal,
                       spatial=spatial, share_attention=share_attention, seed=seed, checkpoint_every=checkpoint_every,
                       allow_partial=allow_partial)
     path = train(cfg, resume=resume)

@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--pretrained", default=None, help="default: shipped weights if any, else random (speed is the same)")
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--batch", type=int, default=8, help="captions per step (the trainer's --batch-size)")
-    ap.add_argument("--negatives", type=int, default=2, help="hard negatives per caption (the trainer's default)")
+    ap.add_argument("--negatives", type=int, default=2, help="negatives per caption (the trainer's default: 1 + 1)")
     ap.add_argument("--videos", type=int, default=64, help="videos in the cache")
     ap.add_argument("--files", type=int, default=12, help="distinct mp4 files decoded by the live path")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per round, cache and memory")
@@ -63,14 +63,21 @@ def main() -> None:
         cache = FeatureCache(path)
         feats = SplitFeatures.open(cache, "train")
         captions = random_captions(feats.n_texts)
-        cfg = TrainConfig(batch_size=args.batch, hard_negatives=args.negatives)
+        cfg = TrainConfig(batch_size=args.batch, hard_negatives=args.negatives, neighbour_negatives=0)
         plan = [p for e in range(1 + (args.steps * (args.reps + 1)) * args.batch // args.videos + 1)
                 for p in _epoch_plan(feats, cfg, e)]
-        steps = [(v, c, random_negatives(rng, v, feats.n_videos, args.negatives)) for v, c in plan]
+        captions_of = feats.captions_of
+
+        def group(vids, caps):  # the trainer's step layout: each anchor with its negatives, each with a caption
+            negs = random_negatives(rng, vids, feats.n_videos, args.negatives)
+            neg_caps = np.array([[captions_of[u][0] for u in row] for row in negs])
+            return np.concatenate([vids[:, None], negs], 1), np.concatenate([caps[:, None], neg_caps], 1)
+
+        steps = [group(v, c) for v, c in plan]
         torch.manual_seed(0)
         model = CrossTVR(model_config_for(cache, cfg))
         opt = make_optimizer(model)
-        B = args.batch
+        B = len(plan[0][0])  # anchors per step, as the trainer counts samples
         n_neg = args.negatives
 
         def run_cache(chunk):
@@ -81,7 +88,7 @@ def main() -> None:
                 batch = pending.result()
                 if i + 1 < len(chunk):
                     pending = reader.submit(_read_step, feats, *chunk[i + 1])
-                train_step(model, opt, batch, n_neg, device)
+                train_step(model, opt, batch, device)
                 now = time.perf_counter()
                 times.append(now - t_prev)
                 t_prev = now
@@ -92,15 +99,15 @@ def main() -> None:
             times = []
             for batch in batches:
                 t0 = time.perf_counter()
-                train_step(model, opt, batch, n_neg, device)
+                train_step(model, opt, batch, device)
                 times.append(time.perf_counter() - t0)
             return times
 
         decoders = ThreadPoolExecutor(args.workers)
         sw = Stopwatch()
 
-        def live_batch(vids, caps, negs) -> dict:
-            videos = np.concatenate([vids, negs.reshape(-1)])
+        def live_batch(groups, group_caps) -> dict:
+            videos, caps = groups.reshape(-1), group_caps.reshape(-1)
             with sw("decode"):
                 decoded = list(decoders.map(lambda v: decode_video(files[v % len(files)], args.frames, info.image_size),
                                             videos))
@@ -111,15 +118,16 @@ def main() -> None:
             stack = lambda k: torch.from_numpy(np.stack([f[k] for f in feats_v]))  # noqa: E731
             return {"texts": {"text_tokens": tokens, "text_lengths": torch.from_numpy(lengths).long(), "text_embeds": emb},
                     "videos": {"patch_tokens": stack(0), "cls_tokens": stack(1), "frame_embeds": stack(2),
-                               "frame_mask": torch.from_numpy(np.stack([d.mask for d in decoded]))}}
+                               "frame_mask": torch.from_numpy(np.stack([d.mask for d in decoded]))},
+                    "video_ids": groups, "caption_ids": group_caps}
 
         def run_live(chunk):
             times = []
-            for vids, caps, negs in chunk:
+            for groups, group_caps in chunk:
                 t0 = time.perf_counter()
-                batch = live_batch(vids, caps, negs)
+                batch = live_batch(groups, group_caps)
                 with sw("train_step"):
-                    train_step(model, opt, batch, n_neg, device)
+                    train_step(model, opt, batch, device)
                 times.append(time.perf_counter() - t0)
             return times
 
@@ -141,7 +149,7 @@ def main() -> None:
             ratios_live.append(c / a)
             ratios_mem.append(b / a)
         decoders.shutdown()
-    print(f"\nsamples/s = captions per step / median step time; {B} captions x (1 + {n_neg} negatives) videos per step, "
+    print(f"\nsamples/s = captions per step / median step time; {B} anchors x (1 + {n_neg} negatives) videos and captions per step, "
           f"model {args.model} (P={shape.P}, W={shape.W}), T={shape.T}")
     print(table(["round", "a cache", "b memory", "c live", "a/c", "a/b"], rows))
     n_live = args.reps * args.live_steps

@@ -258,7 +258,7 @@ def random_captions(n: int, seed: int = 0) -> list[str]:
 
 
 # -- the training step, as reranker/train.py runs it --------------------------------------------
-def train_step(model, opt, batch: dict, n_neg: int, device, grad_clip: float = 1.0) -> float:
+def train_step(model, opt, batch: dict, device, grad_clip: float = 1.0) -> float:
     """One optimisation step of the real trainer's forward (reranker.train._forward) and update."""
     import torch
 
@@ -267,7 +267,7 @@ def train_step(model, opt, batch: dict, n_neg: int, device, grad_clip: float = 1
 
     model.train()
     with autocast(device):
-        loss, _ = _forward(model, batch, n_neg, device)
+        loss, _ = _forward(model, batch, device)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

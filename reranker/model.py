@@ -7,9 +7,9 @@ Everything here works on the frozen CLIP outputs stored in the cache, never on p
   At initialisation it IS zero-shot CLIP retrieval (identity projections, zero residual branch).
 - Reranker: the query set (the caption's text tokens plus a few learnable queries) first attends
   to the patch tokens of each frame separately (spatial cross attention -> one token per frame),
-  then across the frame tokens (temporal cross attention), and a matching head on the pooled
-  query set gives one logit per (caption, video) pair. The head starts at zero, so a fresh
-  reranker's matching loss is exactly ln 2: that is the start, not a collapse.
+  then across the frame tokens (temporal cross attention); one logit per (caption, video) pair is
+  a matching head on the pooled query set plus an alignment term (each query against what it
+  read from the video), which gives the interaction a first-order gradient from the first step.
 - CrossTVR: both, built from one ModelConfig, with the final score and the matching loss.
 
 Shape letters: B pairs or videos, N captions, T frame slots, P patches per frame (no CLS),
@@ -58,6 +58,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     pos_init_std: float = 1.0  # patch and temporal position embeddings; 0.02 hid frame order
+    align_scale_init: float = 10.0  # learnable weight of the query/answer alignment term (see Reranker.match)
     # final score = rerank_logit + first_stage_cos / score_weight
     score_weight: float = 0.05
 
@@ -161,14 +162,15 @@ class CrossBlock(nn.Module):
         h = self.ln_self(x)
         return x + self.self_attn(h, h, query_mask)
 
-    def look(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
-        """Cross attention to the keys, then the MLP."""
-        x = x + self.cross(self.ln_q(x), self.ln_kv(kv), kv_mask)
-        return x + self.mlp(self.ln_mlp(x))
+    def look(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross attention to the keys, then the MLP: (new query states, what each query read from the keys)."""
+        answer = self.cross(self.ln_q(x), self.ln_kv(kv), kv_mask)
+        x = x + answer
+        return x + self.mlp(self.ln_mlp(x)), answer
 
     def forward(
         self, x: torch.Tensor, query_mask: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.look(self.talk(x, query_mask), kv, kv_mask)
 
 
@@ -318,6 +320,10 @@ class Reranker(nn.Module):
             self.temporal_blocks = nn.ModuleList(block() for _ in range(config.layers))
 
         self.head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, 1))
+        # alignment: each query's own text against what it read from the video (see match)
+        self.align_text = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D))
+        self.align_video = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D))
+        self.align_scale = nn.Parameter(torch.tensor(config.align_scale_init))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -385,7 +391,7 @@ class Reranker(nn.Module):
         for i, block in enumerate(self.spatial_blocks):
             if i > 0:
                 x = block.talk(x, x_mask)
-            x = block.look(x, kv, None)  # [B*T, N, D]
+            x = block.look(x, kv, None)[0]  # [B*T, N, D]
         return masked_mean(x, x_mask).view(B, T, D)  # every valid query's answer, pooled
 
     def match(
@@ -393,8 +399,12 @@ class Reranker(nn.Module):
     ) -> torch.Tensor:
         """Query sets [B, Q+L, D] against encoded frames (see encode_frames) -> logits [B].
 
-        Frame tokens and the head both read the mean over the valid query set: every text token's
-        answer reaches the logit directly, which learned faster than reading one learnable query.
+        logit = head(mean of the final query states) + align_scale * mean over the valid queries of
+        cos(query, what it read from the video in the last temporal cross attention). The head alone
+        sees text and video only through a product the network has to build first: from a zero head
+        its gradient is second order and the reranker sat at the prior loss, even against random
+        negatives. The alignment term is first order in both sides (a word that finds what it says
+        scores high), so it learns from the first step, while the head adds what it can.
         """
         tokens = self.frame_tokens(queries, query_mask, frames)  # [B, T, D]
         T = tokens.shape[1]
@@ -402,8 +412,10 @@ class Reranker(nn.Module):
         kv = self.frame_ln(tokens) + self.frame_pos[:T].to(tokens.dtype)  # [B, T, D]
         x = queries
         for block in self._temporal_blocks():
-            x = block(x, query_mask, kv, frame_mask)  # [B, Q+L, D]
-        return self.head(masked_mean(x, query_mask)).squeeze(-1)  # [B]
+            x, answer = block(x, query_mask, kv, frame_mask)  # [B, Q+L, D] each
+        align = (F.normalize(self.align_text(queries), dim=-1) * F.normalize(self.align_video(answer), dim=-1)).sum(-1)
+        align = masked_mean(align[..., None], query_mask).squeeze(-1)  # [B]
+        return self.head(masked_mean(x, query_mask)).squeeze(-1) + self.align_scale * align  # [B]
 
     def forward(
         self,

@@ -34,7 +34,8 @@ class TrainConfig:
     val_split: str = "val"
     epochs: int = 5  # passes over the videos as anchors (each anchor brings its hard negatives)
     batch_size: int = 32  # captions (one per video) per step
-    hard_negatives: int = 2  # from the first stage's top candidates, the caption's own video excluded
+    hard_negatives: int = 1  # the caption's top first-stage candidates, its own video excluded
+    neighbour_negatives: int = 1  # the videos nearest to the caption's own video in the first stage (its twins)
     lr: float = 2e-3  # reranker
     first_stage_lr: float = 1e-4
     weight_decay: float = 0.01
@@ -67,9 +68,9 @@ def model_config_for(cache: FeatureCache, cfg: TrainConfig) -> ModelConfig:
 
 def cache_signature(cache: FeatureCache) -> dict:
     """What a trained model depends on in its cache: evaluating on a cache that differs here is refused."""
-    keys = ("model", "pretrained", "pretrained_sha256", "frames", "image_size", "patch_layer", "max_text_tokens",
-            "num_patches", "patch_width", "text_width", "embed_dim")
-    return {k: cache.attrs[k] for k in keys}
+    keys = ("model", "pretrained", "pretrained_sha256", "frames", "image_size", "patch_layer", "text_layer",
+            "max_text_tokens", "num_patches", "patch_width", "text_width", "embed_dim")
+    return {k: cache.attrs.get(k) for k in keys}  # text_layer: None in caches older than --text-layer
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -115,16 +116,20 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def negatives_per_anchor(cfg: TrainConfig) -> int:
+    return cfg.hard_negatives + cfg.neighbour_negatives
+
+
 def _epoch_plan(feats: SplitFeatures, cfg: TrainConfig, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Steps of anchors: (video positions, one caption position per video), shuffled from (seed, epoch).
 
-    Each anchor later brings its hard negatives into a group, so a step holds batch_size // (1 + N) anchors.
+    Each anchor later brings its negatives into a group, so a step holds batch_size // (1 + N) anchors.
     """
     rng = np.random.default_rng([cfg.seed, epoch])
     captions_of = feats.captions_of
     order = rng.permutation(feats.n_videos)
     usable = order[[len(captions_of[v]) > 0 for v in order]]
-    anchors = max(2, cfg.batch_size // (1 + cfg.hard_negatives))
+    anchors = max(2, cfg.batch_size // (1 + negatives_per_anchor(cfg)))
     steps = max(1, len(usable) // anchors)
     plan = []
     for s in range(steps):
@@ -146,13 +151,27 @@ def video_bank(model: CrossTVR, feats: SplitFeatures, device: torch.device, bloc
 
 
 @torch.no_grad()
-def _mine_groups(model, feats, bank, caps, vids, n_neg, device, rng) -> tuple[np.ndarray, np.ndarray]:
-    """Each anchor's group: its video and the n_neg videos the current first stage ranks highest for its
-    caption (its own excluded), each with one of its own captions: videos [A, 1+N], captions [A, 1+N]."""
-    text = feats.read_texts(caps)["text_embeds"].to(device).float()
-    sims = model.first_stage.encode_text(text).float().cpu() @ bank.T  # [A, V]
-    sims[torch.arange(len(vids)), torch.from_numpy(vids)] = -math.inf
-    negs = sims.topk(n_neg, dim=1).indices.numpy()  # [A, N]
+def _mine_groups(model, feats, bank, caps, vids, cfg, device, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Each anchor's group: its video, the videos nearest to it and the caption's top candidates (first stage
+    as it is now, its own video never), each with one of its own captions: videos [A, 1+N], captions [A, 1+N].
+
+    The nearest videos are what mean pooling cannot tell apart (a time-reversed or colour-swapped twin):
+    exactly the pairs the reranker exists for. Caption candidates alone rarely hold them while the first
+    stage is weak.
+    """
+    anchors = torch.arange(len(vids))
+    taken = torch.zeros(len(vids), bank.shape[0], dtype=torch.bool)
+    taken[anchors, torch.from_numpy(vids)] = True
+    negs = []
+    if cfg.neighbour_negatives:
+        near = bank[torch.from_numpy(vids)] @ bank.T  # [A, V]
+        negs.append(near.masked_fill(taken, -math.inf).topk(cfg.neighbour_negatives, dim=1).indices)
+        taken[anchors[:, None], negs[-1]] = True
+    if cfg.hard_negatives:
+        text = to_device(feats.read_texts(caps), device)["text_embeds"]
+        sims = model.first_stage.encode_text(text).float().cpu() @ bank.T  # [A, V]
+        negs.append(sims.masked_fill(taken, -math.inf).topk(cfg.hard_negatives, dim=1).indices)
+    negs = torch.cat(negs, 1).numpy()  # [A, N]
     captions_of = feats.captions_of
     neg_caps = np.array([[captions_of[u][rng.integers(len(captions_of[u]))] for u in row] for row in negs])
     return np.concatenate([vids[:, None], negs], 1), np.concatenate([caps[:, None], neg_caps], 1)
@@ -242,8 +261,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     val = None
     if cfg.val_split and cfg.val_split in set(cache.video_split().tolist()):
         val = SplitFeatures.open(cache, cfg.val_split, cfg.allow_partial)
-    if cfg.hard_negatives < 1 or cfg.hard_negatives >= feats.n_videos:
-        raise UserError(f"--hard-negatives {cfg.hard_negatives}: need 1 <= N < {feats.n_videos} videos of '{cfg.split}'")
+    n_neg = negatives_per_anchor(cfg)
+    if min(cfg.hard_negatives, cfg.neighbour_negatives) < 0 or not 1 <= n_neg < feats.n_videos:
+        raise UserError(f"--hard-negatives {cfg.hard_negatives} + --neighbour-negatives {cfg.neighbour_negatives}: "
+                        f"need 1 <= the sum < {feats.n_videos} videos of '{cfg.split}', neither negative")
     if feats.n_videos < 2 or feats.n_videos < min(cfg.batch_size, 2):
         raise UserError(f"{cache.path}: split '{cfg.split}' has {feats.n_videos} video(s); training needs at least 2")
     cfg.batch_size = min(cfg.batch_size, feats.n_videos)
@@ -302,7 +323,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             model.eval()
             bank = video_bank(model, feats, device)
             upto = min(total, (step // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
-            negatives = {g: _mine_groups(model, feats, bank, plan_of(g)[1], plan_of(g)[0], cfg.hard_negatives,
+            negatives = {g: _mine_groups(model, feats, bank, plan_of(g)[1], plan_of(g)[0], cfg,
                                          device, np.random.default_rng([cfg.seed, g, rank]))
                          for g in range(step, upto)}
         for g in (step, step + 1):  # read this step and prefetch the next while this one computes

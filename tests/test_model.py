@@ -240,8 +240,24 @@ def test_matching_loss_decreases_on_a_tiny_fixed_batch():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert math.isclose(losses[0], math.log(2), rel_tol=1e-6)  # zero head: every logit starts at 0
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("spatial", ["attention", "cls", "flat"])
+def test_text_and_video_sides_get_gradient_from_the_first_step(spatial):
+    """With the head at zero, only the alignment term carries the caption-video interaction at step 0:
+    both the text projection and the video side must receive gradient (they got none before it)."""
+    torch.manual_seed(0)
+    cfg = small_config(spatial=spatial)
+    reranker = Reranker(cfg)
+    x = random_inputs(cfg, B=6)
+    logits = reranker(**x)
+    F.binary_cross_entropy_with_logits(logits, torch.tensor([1.0, 0, 0, 1, 0, 0])).backward()
+    video_side = getattr(reranker, {"attention": "patch_proj", "cls": "cls_proj", "flat": "flat_mlp"}[spatial])
+    video_side = video_side[0] if spatial == "flat" else video_side
+    assert reranker.text_proj.weight.grad.abs().sum() > 0
+    assert video_side.weight.grad.abs().sum() > 0
+    assert logits.std() > 0  # the alignment term already depends on the pair
 
 
 # ----------------------------------------------------------------------------- toy tasks

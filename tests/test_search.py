@@ -25,7 +25,7 @@ def setup(tiny_dataset, tmp_path):
     cache = run_extract(ExtractConfig(dataset="manifest", data_root=tiny_dataset, cache=tmp_path / "c.zarr",
                                       pretrained=str(weights), progress=False)).cache
     run = train(TrainConfig(cache=str(cache), run=str(tmp_path / "run"), split="test", val_split="", epochs=1,
-                            batch_size=2, hard_negatives=1, dim=32, heads=2, n_queries=2), progress=False)
+                            batch_size=2, hard_negatives=1, neighbour_negatives=0, dim=32, heads=2, n_queries=2), progress=False)
     return cache, run, weights
 
 

@@ -14,7 +14,7 @@ from tests.conftest import make_feature_cache
 
 
 def _cfg(cache, run, **kw) -> TrainConfig:
-    base = dict(cache=str(cache), run=str(run), epochs=1, batch_size=8, hard_negatives=2, dim=32, heads=2,
+    base = dict(cache=str(cache), run=str(run), epochs=1, batch_size=8, hard_negatives=1, dim=32, heads=2,
                 n_queries=2, checkpoint_every=3, warmup_steps=2, top_k=5)
     return TrainConfig(**{**base, **kw})
 
@@ -39,7 +39,7 @@ def test_training_reads_only_the_cache_and_the_loss_decreases(cache, tmp_path, m
     monkeypatch.setattr(pipeline.encoder.FrozenEncoder, "__init__", forbidden)
     run = train(_cfg(cache, tmp_path / "run", epochs=12, checkpoint_every=8), progress=False)
     steps = [r for r in _log(run) if "loss" in r]
-    assert len(steps) == 12 * 8  # batch 8 = 2 anchors (+ 2 hard negatives each); 16 train videos = 8 steps
+    assert len(steps) == 12 * 8  # batch 8 = 2 anchors (+ 1 hard and 1 neighbour negative each); 16 train videos = 8 steps
     first, last = np.mean([s["loss"] for s in steps[:4]]), np.mean([s["loss"] for s in steps[-4:]])
     assert last < first - 0.1, (first, last)
     assert all(k in steps[0] for k in ("contrastive", "matching", "lr", "logit_spread", "samples_per_s"))
@@ -47,7 +47,8 @@ def test_training_reads_only_the_cache_and_the_loss_decreases(cache, tmp_path, m
     assert len(val) == 12 and set(val[0]["val_two_stage_t2v"]) == {"R@1", "R@5", "R@10", "MdR", "MnR"}
     for name in ("config.json", "last.pt", "best.pt"):
         assert (run / name).is_file()
-    assert json.loads((run / "config.json").read_text())["hard_negatives"] == 2
+    config = json.loads((run / "config.json").read_text())
+    assert config["hard_negatives"] == 1 and config["neighbour_negatives"] == 1
 
 
 def test_resume_after_a_kill_gives_the_same_weights(cache, tmp_path, monkeypatch):
@@ -126,3 +127,32 @@ def test_two_process_gloo_run_takes_the_expected_steps(cache, tmp_path):
     steps = [r for r in _log(run) if "loss" in r]
     assert [s["step"] for s in steps] == list(range(1, 3 * 8 + 1))  # 16 videos / 2 anchors = 8 steps an epoch
     assert load_checkpoint(run / "last.pt")["step"] == 24
+
+
+def test_mining_takes_the_nearest_video_and_then_the_captions_top_candidate(tmp_path):
+    """Group = anchor, the video nearest to it in the first stage, then the caption's best other candidate."""
+    from pipeline.cache import FeatureCache
+    from reranker.data import SplitFeatures, to_device
+    from reranker.model import CrossTVR
+    from reranker.train import _mine_groups, model_config_for, video_bank
+
+    cfg = TrainConfig(hard_negatives=1, neighbour_negatives=1)
+    cache = FeatureCache(make_feature_cache(tmp_path / "c.zarr", {"train": 8}))
+    feats = SplitFeatures.open(cache, "train")
+    model = CrossTVR(model_config_for(cache, cfg)).eval()
+    device = torch.device("cpu")
+    bank = video_bank(model, feats, device)
+    vids = np.array([0, 5])
+    caps = np.array([feats.captions_of[0][1], feats.captions_of[5][0]])
+    groups, group_caps = _mine_groups(model, feats, bank, caps, vids, cfg, device, np.random.default_rng(0))
+
+    text = model.first_stage.encode_text(to_device(feats.read_texts(caps), device)["text_embeds"])
+    for row, (v, c) in enumerate(zip(vids, caps)):
+        near = (bank @ bank[v]).numpy()
+        near[v] = -np.inf
+        neighbour = int(near.argmax())
+        sims = (bank @ text[row]).detach().numpy()
+        sims[[v, neighbour]] = -np.inf
+        assert groups[row].tolist() == [v, neighbour, int(sims.argmax())]
+        assert group_caps[row, 0] == c
+        assert [feats.text_video[t] for t in group_caps[row]] == groups[row].tolist()  # each video's own caption

@@ -91,7 +91,7 @@ def test_training_on_a_damaged_cache_names_the_video(tmp_path):
     cache = make_feature_cache(tmp_path / "c.zarr", {"train": 8, "val": 4})
     (cache / "frame_embeds" / "c" / "3" / "0" / "0").write_bytes(b"not blosc")
     cfg = TrainConfig(cache=str(cache), run=str(tmp_path / "run"), epochs=1, batch_size=4, hard_negatives=1,
-                      dim=16, heads=2, n_queries=2, top_k=3)
+                      neighbour_negatives=0, dim=16, heads=2, n_queries=2, top_k=3)
     with pytest.raises(UserError) as e:
         train(cfg, progress=False)
     message = str(e.value)
