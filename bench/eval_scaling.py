@@ -35,11 +35,15 @@ def main() -> None:
     ap.add_argument("--check", default="250,5", help="N,K timed in full with _evaluate ('' to skip)")
     ap.add_argument("--full", action="store_true", help="time every (N, K) in full (slow: ~N*K*2 pairs each)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--spatial", choices=["attention", "cls", "flat"], default=None,
+                    help="reranker variant [default: train-reranker's default]")
     args = ap.parse_args()
     if args.quick:
         args.ns, args.ks, args.check = "100,200,400", "5,15", "100,5"
     header("eval_scaling", args)
     ns, ks = [int(x) for x in args.ns.split(",")], [int(x) for x in args.ks.split(",")]
+    if len({n * k for n in ns for k in ks}) < 2:
+        raise SystemExit("eval_scaling: the linear fit needs at least two N*K sizes (--ns/--ks)")
 
     import torch
 
@@ -60,7 +64,8 @@ def main() -> None:
                                      pool=pool)
         cache = FeatureCache(path)
         torch.manual_seed(0)
-        model = CrossTVR(model_config_for(cache, TrainConfig())).eval()
+        train_cfg = TrainConfig(**({"spatial": args.spatial} if args.spatial else {}))
+        model = CrossTVR(model_config_for(cache, train_cfg)).eval()
 
         def split(n: int) -> SplitFeatures:  # the first n videos and their captions (one each)
             return SplitFeatures(cache, "test", np.arange(n), np.arange(n), np.arange(n))
