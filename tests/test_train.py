@@ -108,6 +108,11 @@ def test_refusals(tmp_path):
         train(TrainConfig(run=str(tmp_path / "absent")), resume=True, progress=False)
     with pytest.raises(UserError, match="not a training run"):
         load_model(tmp_path)
+    done = make_feature_cache(tmp_path / "d.zarr", {"train": 6})
+    for hard, neighbour in ((0, 0), (1, -1), (3, 3)):  # none at all, a negative count, not fewer than 6 videos
+        with pytest.raises(UserError, match=r"--hard-negatives .* --neighbour-negatives .* need 1 <= the sum < 6"):
+            train(_cfg(done, tmp_path / "r3", hard_negatives=hard, neighbour_negatives=neighbour), progress=False)
+    assert not (tmp_path / "r3" / "last.pt").exists()
 
 
 def test_two_process_gloo_run_takes_the_expected_steps(cache, tmp_path):
