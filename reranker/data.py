@@ -166,11 +166,14 @@ class SplitFeatures:
         return (torch.from_numpy(_read(self.cache["frame_embeds"], idx)),
                 torch.from_numpy(_read(self.cache["frame_mask"], idx)))
 
+    def read_text_embeds(self, positions: np.ndarray) -> torch.Tensor:
+        """Only the first stage's caption input of split positions: caption embeddings (fp16)."""
+        return torch.from_numpy(_read(self.cache["text_embeds"], self.texts[np.asarray(positions)]))
+
     def all_text_embeds(self, block: int = 4096) -> torch.Tensor:
         """Caption embeddings of the whole split [N_texts, E], fp16 (small: the first stage needs them all)."""
-        parts = [torch.from_numpy(_read(self.cache["text_embeds"], self.texts[lo: lo + block]))
-                 for lo in range(0, self.n_texts, block)]
-        return torch.cat(parts)
+        return torch.cat([self.read_text_embeds(np.arange(lo, min(lo + block, self.n_texts)))
+                          for lo in range(0, self.n_texts, block)])
 
 
 def to_device(features: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -120,6 +120,12 @@ def negatives_per_anchor(cfg: TrainConfig) -> int:
     return cfg.hard_negatives + cfg.neighbour_negatives
 
 
+def _any_caption(feats: SplitFeatures, video: int, rng: np.random.Generator) -> int:
+    """One of the video's captions, drawn uniformly."""
+    captions = feats.captions_of[video]
+    return captions[rng.integers(len(captions))]
+
+
 def _epoch_plan(feats: SplitFeatures, cfg: TrainConfig, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Steps of anchors: (video positions, one caption position per video), shuffled from (seed, epoch).
 
@@ -134,7 +140,7 @@ def _epoch_plan(feats: SplitFeatures, cfg: TrainConfig, epoch: int) -> list[tupl
     plan = []
     for s in range(steps):
         vids = usable[s * anchors: (s + 1) * anchors]
-        caps = np.array([captions_of[v][rng.integers(len(captions_of[v]))] for v in vids])
+        caps = np.array([_any_caption(feats, v, rng) for v in vids])
         plan.append((vids, caps))
     return plan
 
@@ -168,12 +174,11 @@ def _mine_groups(model, feats, bank, caps, vids, cfg, device, rng) -> tuple[np.n
         negs.append(near.masked_fill(taken, -math.inf).topk(cfg.neighbour_negatives, dim=1).indices)
         taken[anchors[:, None], negs[-1]] = True
     if cfg.hard_negatives:
-        text = to_device(feats.read_texts(caps), device)["text_embeds"]
+        text = feats.read_text_embeds(caps).to(device).float()
         sims = model.first_stage.encode_text(text).float().cpu() @ bank.T  # [A, V]
         negs.append(sims.masked_fill(taken, -math.inf).topk(cfg.hard_negatives, dim=1).indices)
     negs = torch.cat(negs, 1).numpy()  # [A, N]
-    captions_of = feats.captions_of
-    neg_caps = np.array([[captions_of[u][rng.integers(len(captions_of[u]))] for u in row] for row in negs])
+    neg_caps = np.array([[_any_caption(feats, u, rng) for u in row] for row in negs])
     return np.concatenate([vids[:, None], negs], 1), np.concatenate([caps[:, None], neg_caps], 1)
 
 
