@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="captions per step (the trainer's --batch-size)")
     ap.add_argument("--negatives", type=int, default=2, help="negatives per caption (the trainer's default: 1 + 1)")
     ap.add_argument("--videos", type=int, default=64, help="videos in the cache")
+    ap.add_argument("--captions", type=int, default=20, help="captions per video (MSR-VTT has 20): a step's captions "
+                    "then lie in different caption chunks, as in real training")
     ap.add_argument("--files", type=int, default=12, help="distinct mp4 files decoded by the live path")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per round, cache and memory")
     ap.add_argument("--live-steps", type=int, default=1, help="timed steps per round, live")
@@ -59,7 +62,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with scratch("live") as tmp:
         files = write_videos(tmp / "videos", args.files)
-        path = write_synthetic_cache(tmp / "cache.zarr", shape, {"train": args.videos}, compression=DEFAULT_COMPRESSION)
+        path = write_synthetic_cache(tmp / "cache.zarr", shape, {"train": args.videos}, captions=args.captions,
+                                     compression=DEFAULT_COMPRESSION)
         cache = FeatureCache(path)
         feats = SplitFeatures.open(cache, "train")
         captions = random_captions(feats.n_texts)
@@ -76,18 +80,19 @@ def main() -> None:
         steps = [group(v, c) for v, c in plan]
         torch.manual_seed(0)
         model = CrossTVR(model_config_for(cache, cfg))
+        read_step = functools.partial(_read_step, feats, video_inputs=model.reranker.video_inputs)
         opt = make_optimizer(model)
         B = len(plan[0][0])  # anchors per step, as the trainer counts samples
         n_neg = args.negatives
 
         def run_cache(chunk):
             reader = ThreadPoolExecutor(1)  # the trainer's one prefetch thread
-            times, pending = [], reader.submit(_read_step, feats, *chunk[0])
+            times, pending = [], reader.submit(read_step, *chunk[0])
             t_prev = time.perf_counter()
             for i in range(len(chunk)):
                 batch = pending.result()
                 if i + 1 < len(chunk):
-                    pending = reader.submit(_read_step, feats, *chunk[i + 1])
+                    pending = reader.submit(read_step, *chunk[i + 1])
                 train_step(model, opt, batch, device)
                 now = time.perf_counter()
                 times.append(now - t_prev)
@@ -116,9 +121,11 @@ def main() -> None:
             with sw("encode_captions"):
                 tokens, lengths, emb = encoder.encode_captions([captions[c] for c in caps])
             stack = lambda k: torch.from_numpy(np.stack([f[k] for f in feats_v]))  # noqa: E731
-            return {"texts": {"text_tokens": tokens, "text_lengths": torch.from_numpy(lengths).long(), "text_embeds": emb},
-                    "videos": {"patch_tokens": stack(0), "cls_tokens": stack(1), "frame_embeds": stack(2),
+            anchor = np.arange(len(groups)) * groups.shape[1]  # rows of column 0
+            return {"texts": {"text_tokens": tokens, "text_lengths": torch.from_numpy(lengths).long()},
+                    "videos": {"patch_tokens": stack(0), "cls_tokens": stack(1),
                                "frame_mask": torch.from_numpy(np.stack([d.mask for d in decoded]))},
+                    "anchor_text_embeds": emb[anchor], "anchor_frame_embeds": stack(2)[anchor],
                     "video_ids": groups, "caption_ids": group_caps}
 
         def run_live(chunk):
@@ -137,7 +144,7 @@ def main() -> None:
         rows, ratios_live, ratios_mem = [], [], []
         for r in range(args.reps):
             chunk = steps[(r + 1) * args.steps: (r + 2) * args.steps]
-            batches = [_read_step(feats, *s) for s in chunk]
+            batches = [read_step(*s) for s in chunk]
             if r % 2:  # alternate the order of (a) and (b): a load that drifts within a round hits both alike
                 b = statistics.median(run_memory(batches))
                 a = statistics.median(run_cache(chunk))

@@ -48,7 +48,7 @@ def main() -> None:
     import torch
 
     from pipeline.cache import DEFAULT_COMPRESSION, FeatureCache
-    from reranker.data import SplitFeatures, to_device
+    from reranker.data import RERANKER_TEXT_ARRAYS, SplitFeatures, to_device
     from reranker.evaluate import _evaluate, _rerank_pairs, first_stage_sims, rerank
     from reranker.metrics import topk_candidates
     from reranker.model import CrossTVR
@@ -122,11 +122,12 @@ def main() -> None:
             texts_u, t_inv = np.unique(text_pos, return_inverse=True)
             videos_u, v_inv = np.unique(video_pos, return_inverse=True)
             with sw("read texts+videos (cache)"):
-                t, v = to_device(feats.read_texts(texts_u), device), to_device(feats.read_videos(videos_u), device)
+                t = to_device(feats.read_texts(texts_u, RERANKER_TEXT_ARRAYS), device)
+                v = to_device(feats.read_videos(videos_u, r.video_inputs), device)
             with sw("encode_queries"):
                 queries, qmask = r.encode_queries(t["text_tokens"], t["text_lengths"])
             with sw(f"encode_frames ({len(videos_u)} videos)"):
-                frames = r.encode_frames(v["patch_tokens"], v["cls_tokens"])
+                frames = r.encode_frames(v.get("patch_tokens"), v.get("cls_tokens"))
             ti, vi = torch.from_numpy(t_inv), torch.from_numpy(v_inv)
             with sw(f"spatial frame_tokens ({len(text_pos)} pairs)"):
                 tokens = r.frame_tokens(queries[ti], qmask[ti], frames[vi])

@@ -44,7 +44,10 @@ from pipeline.records import VideoRecord
 
 SCHEMA_VERSION = 1
 PENDING, DONE, FAILED = 0, 1, 2
-TEXT_CHUNK = 256
+# Captions per chunk (the unit a shard writes and marks done). Training reads a step's captions from as many
+# chunks and decodes each whole: at 256 rows a ViT-B/32 chunk is 8 MB for one 32 kB caption. Caches made
+# before keep their own chunk size (FeatureCache.text_chunk reads it from the array).
+TEXT_CHUNK = 16
 # Chosen by measurement (bench/cache_io.py, docs/benchmarks.md): fp16 features barely compress.
 COMPRESSORS = {
     "none": None,

@@ -17,6 +17,7 @@ from pipeline.errors import UserError
 
 VIDEO_ARRAYS = ("patch_tokens", "cls_tokens", "frame_embeds", "frame_mask")
 TEXT_ARRAYS = ("text_tokens", "text_lengths", "text_embeds")
+RERANKER_TEXT_ARRAYS = ("text_tokens", "text_lengths")  # what the reranker reads of a caption
 
 
 def _read(arr, index: np.ndarray) -> np.ndarray:
@@ -148,16 +149,19 @@ class SplitFeatures:
     def n_texts(self) -> int:
         return len(self.texts)
 
-    def read_videos(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
-        """Video features of split positions as stored: patch/cls tokens, frame embeddings (fp16), frame masks."""
+    def read_videos(self, positions: np.ndarray, arrays: tuple[str, ...] = VIDEO_ARRAYS) -> dict[str, torch.Tensor]:
+        """Video features of split positions as stored (`arrays` of patch/cls tokens, frame embeddings (fp16),
+        frame masks): callers name what they use, every array is a chunk read per video."""
         idx = self.videos[np.asarray(positions)]
-        return {name: torch.from_numpy(_read(self.cache[name], idx)) for name in VIDEO_ARRAYS}
+        return {name: torch.from_numpy(_read(self.cache[name], idx)) for name in arrays}
 
-    def read_texts(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
-        """Caption features of split positions: text tokens and embeddings as stored (fp16), lengths (int64)."""
+    def read_texts(self, positions: np.ndarray, arrays: tuple[str, ...] = TEXT_ARRAYS) -> dict[str, torch.Tensor]:
+        """Caption features of split positions (`arrays` of text tokens and embeddings as stored (fp16), lengths
+        (int64))."""
         idx = self.texts[np.asarray(positions)]
-        out = {name: torch.from_numpy(_read(self.cache[name], idx)) for name in TEXT_ARRAYS}
-        out["text_lengths"] = out["text_lengths"].long()
+        out = {name: torch.from_numpy(_read(self.cache[name], idx)) for name in arrays}
+        if "text_lengths" in out:
+            out["text_lengths"] = out["text_lengths"].long()
         return out
 
     def read_frame_embeds(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from pipeline.cache import FeatureCache
 from pipeline.encoder import autocast, default_device
 from pipeline.errors import UserError
 from reranker import metrics as M
-from reranker.data import SplitFeatures, to_device
+from reranker.data import RERANKER_TEXT_ARRAYS, SplitFeatures, to_device
 from reranker.model import CrossTVR
 from reranker.train import TrainConfig, cache_signature, load_model, model_config_for, video_bank
 
@@ -38,11 +38,12 @@ def _rerank_pairs(model: CrossTVR, feats: SplitFeatures, text_pos: np.ndarray, v
     """Reranker logits of (caption, video) pairs; each distinct caption and video is encoded once."""
     texts_u, t_inv = np.unique(text_pos, return_inverse=True)
     videos_u, v_inv = np.unique(video_pos, return_inverse=True)
-    t, v = to_device(feats.read_texts(texts_u), device), to_device(feats.read_videos(videos_u), device)
     r = model.reranker
+    t = to_device(feats.read_texts(texts_u, RERANKER_TEXT_ARRAYS), device)
+    v = to_device(feats.read_videos(videos_u, r.video_inputs), device)
     with autocast(device):
         queries, qmask = r.encode_queries(t["text_tokens"], t["text_lengths"])
-        frames = r.encode_frames(v["patch_tokens"], v["cls_tokens"])
+        frames = r.encode_frames(v.get("patch_tokens"), v.get("cls_tokens"))
         ti, vi = torch.from_numpy(t_inv).to(device), torch.from_numpy(v_inv).to(device)
         logits = r.match(queries[ti], qmask[ti], frames[vi], v["frame_mask"][vi])
     return logits.float().cpu().numpy()

@@ -354,11 +354,19 @@ class Reranker(nn.Module):
         mask = torch.cat([torch.ones(B, learned.shape[1], dtype=torch.bool, device=text_mask.device), text_mask], dim=1)
         return queries, mask
 
-    def encode_frames(self, patch_tokens: torch.Tensor, cls_tokens: torch.Tensor) -> torch.Tensor:
+    @property
+    def video_inputs(self) -> tuple[str, ...]:
+        """The cached video arrays this reranker reads; loaders read nothing else (patch tokens are most of
+        a video's bytes, and 'cls' does not need them)."""
+        frames = {"cls": ("cls_tokens",), "flat": ("patch_tokens",)}.get(self.config.spatial, ("patch_tokens", "cls_tokens"))
+        return frames + ("frame_mask",)
+
+    def encode_frames(self, patch_tokens: torch.Tensor | None, cls_tokens: torch.Tensor | None) -> torch.Tensor:
         """Caption-independent part of the spatial stage, reusable across captions.
 
         'attention': keys [B, T, 1+P, D] (class token first, then the centred patches);
-        'cls' and 'flat': the frame tokens themselves [B, T, D].
+        'cls' and 'flat': the frame tokens themselves [B, T, D]. The input a mode does not read
+        (see video_inputs) may be None.
         """
         spatial = self.config.spatial
         if spatial == "cls":
@@ -433,15 +441,15 @@ class Reranker(nn.Module):
         self,
         text_tokens: torch.Tensor,
         text_length: torch.Tensor | int,
-        patch_tokens: torch.Tensor,
-        cls_tokens: torch.Tensor,
+        patch_tokens: torch.Tensor | None,
+        cls_tokens: torch.Tensor | None,
         frame_mask: torch.Tensor,
     ) -> torch.Tensor:
         """One caption (tokens [L, Wt], length) against K candidate videos ([K, T, P, W], ...) -> logits [K].
 
         The caption is encoded once and broadcast over the candidates.
         """
-        K = patch_tokens.shape[0]
+        K = frame_mask.shape[0]
         length = torch.as_tensor(text_length, device=text_tokens.device).reshape(1)
         queries, query_mask = self.encode_queries(text_tokens[None], length)  # [1, Q+L, D]
         frames = self.encode_frames(patch_tokens, cls_tokens)

@@ -56,10 +56,10 @@ def search(cache_path: Path, run: Path, query: str, top: int = 10, top_k: int = 
         first = (model.first_stage.encode_text(emb.to(device)).float().cpu() @ bank.T)[0]  # [V]
     k = min(top_k, feats.n_videos)
     candidates = first.topk(k).indices.numpy()
-    v = to_device(feats.read_videos(candidates), device)
+    v = to_device(feats.read_videos(candidates, model.reranker.video_inputs), device)
     with autocast(device):
-        logits = model.reranker.score_candidates(tokens[0].to(device), int(lengths[0]), v["patch_tokens"],
-                                                 v["cls_tokens"], v["frame_mask"]).float().cpu()
+        logits = model.reranker.score_candidates(tokens[0].to(device), int(lengths[0]), v.get("patch_tokens"),
+                                                 v.get("cls_tokens"), v["frame_mask"]).float().cpu()
     final = model.final_score(first[candidates].double(), logits.double()).numpy()
     ranked = list(candidates[np.argsort(-final, kind="stable")])
     rest = np.argsort(-first.numpy(), kind="stable")

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pipeline.cache import FeatureCache
 from pipeline.encoder import autocast, default_device
 from pipeline.errors import UserError
-from reranker.data import SplitFeatures, to_device
+from reranker.data import RERANKER_TEXT_ARRAYS, SplitFeatures, to_device
 from reranker.model import CrossTVR, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -182,9 +182,14 @@ def _mine_groups(model, feats, bank, caps, vids, cfg, device, rng) -> tuple[np.n
     return np.concatenate([vids[:, None], negs], 1), np.concatenate([caps[:, None], neg_caps], 1)
 
 
-def _read_step(feats: SplitFeatures, videos: np.ndarray, captions: np.ndarray) -> dict:
-    """Everything one step needs, read from the cache (runs in a prefetch thread)."""
-    return {"texts": feats.read_texts(captions.reshape(-1)), "videos": feats.read_videos(videos.reshape(-1)),
+def _read_step(feats: SplitFeatures, videos: np.ndarray, captions: np.ndarray, video_inputs: tuple[str, ...]) -> dict:
+    """What one step uses and nothing more, read from the cache (runs in a prefetch thread): the reranker's
+    inputs (`video_inputs`, Reranker.video_inputs) of every video and caption of the groups [A, G], the first
+    stage's embeddings of the anchors (column 0) only."""
+    return {"texts": feats.read_texts(captions.reshape(-1), RERANKER_TEXT_ARRAYS),
+            "videos": feats.read_videos(videos.reshape(-1), video_inputs),
+            "anchor_text_embeds": feats.read_text_embeds(captions[:, 0]),
+            "anchor_frame_embeds": feats.read_videos(videos[:, 0], ("frame_embeds",))["frame_embeds"],
             "video_ids": videos, "caption_ids": captions}
 
 
@@ -196,13 +201,14 @@ def _forward(model: CrossTVR, batch: dict, device: torch.device) -> tuple[torch.
     """
     A, G = batch["video_ids"].shape  # anchors, group size 1 + N
     t, v = to_device(batch["texts"], device), to_device(batch["videos"], device)  # fp16 -> float32 on the device
+    anchors = to_device({k: batch[f"anchor_{k}"] for k in ("text_embeds", "frame_embeds")}, device)
     anchor = torch.arange(A, device=device) * G  # rows of the anchors' own caption and video
     fs = model.first_stage
-    contrastive = fs.contrastive_loss(fs.encode_text(t["text_embeds"][anchor]),
-                                      fs.encode_video(v["frame_embeds"][anchor], v["frame_mask"][anchor]))
+    contrastive = fs.contrastive_loss(fs.encode_text(anchors["text_embeds"]),
+                                      fs.encode_video(anchors["frame_embeds"], v["frame_mask"][anchor]))
     r = model.reranker
     queries, qmask = r.encode_queries(t["text_tokens"], t["text_lengths"])  # [A*G, Q+L, D]
-    frames = r.encode_frames(v["patch_tokens"], v["cls_tokens"])  # per video, shared by its pairs
+    frames = r.encode_frames(v.get("patch_tokens"), v.get("cls_tokens"))  # per video, shared by its pairs
     i, j = torch.meshgrid(torch.arange(G), torch.arange(G), indexing="ij")
     base = (torch.arange(A) * G)[:, None]
     text_rows, video_rows = (base + i.reshape(1, -1)).reshape(-1), (base + j.reshape(1, -1)).reshape(-1)
@@ -333,7 +339,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                          for g in range(step, upto)}
         for g in (step, step + 1):  # read this step and prefetch the next while this one computes
             if g in negatives and g not in pending:
-                pending[g] = reader.submit(_read_step, feats, *negatives[g])
+                pending[g] = reader.submit(_read_step, feats, *negatives[g], model.reranker.video_inputs)
         batch = pending.pop(step).result()
         vids = plan_of(step)[0]
         epoch = step // steps_per_epoch

@@ -161,3 +161,36 @@ def test_mining_takes_the_nearest_video_and_then_the_captions_top_candidate(tmp_
         assert groups[row].tolist() == [v, neighbour, int(sims.argmax())]
         assert group_caps[row, 0] == c
         assert [feats.text_video[t] for t in group_caps[row]] == groups[row].tolist()  # each video's own caption
+
+
+@pytest.mark.parametrize("spatial, frame_arrays", [("flat", {"patch_tokens"}), ("cls", {"cls_tokens"}),
+                                                   ("attention", {"patch_tokens", "cls_tokens"})])
+def test_a_step_reads_only_what_it_uses(cache, spatial, frame_arrays, monkeypatch):
+    """The reranker's inputs for every video and caption of the groups; first-stage embeddings for the anchors only."""
+    import reranker.data as data
+    from pipeline.cache import FeatureCache
+    from reranker.data import SplitFeatures
+    from reranker.model import CrossTVR
+    from reranker.train import _forward, _read_step, model_config_for
+
+    store = FeatureCache(cache)
+    feats = SplitFeatures.open(store, "train")
+    model = CrossTVR(model_config_for(store, _cfg(cache, "unused", spatial=spatial)))
+    reads, original = [], data._read
+    monkeypatch.setattr(data, "_read", lambda arr, index: (reads.append((arr.basename, len(index))), original(arr, index))[1])
+    videos = np.array([[0, 3, 7], [5, 1, 2]])  # 2 anchors (column 0), 2 negatives each
+    captions = np.array([[feats.captions_of[v][-1] for v in row] for row in videos])
+    batch = _read_step(feats, videos, captions, model.reranker.video_inputs)
+
+    assert sorted(reads) == sorted([(a, 6) for a in frame_arrays | {"frame_mask", "text_tokens", "text_lengths"}]
+                                   + [("frame_embeds", 2), ("text_embeds", 2)])
+    monkeypatch.setattr(data, "_read", original)
+    everything_v, everything_t = feats.read_videos(videos.reshape(-1)), feats.read_texts(captions.reshape(-1))
+    for name, value in batch["videos"].items():
+        assert torch.equal(value, everything_v[name])
+    for name, value in batch["texts"].items():
+        assert torch.equal(value, everything_t[name])
+    assert torch.equal(batch["anchor_frame_embeds"], everything_v["frame_embeds"][[0, 3]])
+    assert torch.equal(batch["anchor_text_embeds"], everything_t["text_embeds"][[0, 3]])
+    loss, stats = _forward(model, batch, torch.device("cpu"))
+    assert loss.isfinite() and stats["logit_spread"] >= 0
