@@ -257,8 +257,8 @@ def search(query, cache, run, top, top_k) -> None:
 @main.command("pretrain-tiny")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("pipeline/weights/CrossTVR-Tiny.safetensors"),
               show_default=True, help="fp16 safetensors file (a .sha256 sidecar is written next to it).")
-@click.option("--steps", default=150, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--steps", default=2000, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @_friendly
 def pretrain_tiny_cmd(out, steps, batch_size, seed) -> None:

@@ -153,8 +153,8 @@ def save_weights(model: torch.nn.Module, out: Path) -> Path:
 
 def pretrain_tiny(
     out: Path = DEFAULT_WEIGHTS,
-    steps: int = 150,
-    batch_size: int = 64,
+    steps: int = 2000,
+    batch_size: int = 128,
     seed: int = 0,
     lr: float = 5e-4,
     warmup: int = 50,
