@@ -6,8 +6,9 @@ Everything here works on the frozen CLIP outputs stored in the cache, never on p
   meanP, 'transformer' = CLIP4Clip seqTransf), cosine similarity and the symmetric InfoNCE loss.
   At initialisation it IS zero-shot CLIP retrieval (identity projections, zero residual branch).
 - Reranker: the query set (the caption's text tokens plus a few learnable queries) first attends
-  to the patch tokens of each frame separately (spatial cross attention -> one token per frame),
-  then across the frame tokens (temporal cross attention); one logit per (caption, video) pair is
+  to the patch tokens of each frame separately (spatial cross attention -> one token per frame:
+  what the queries read, added to a caption-independent summary of the frame), then across the
+  frame tokens (temporal cross attention); one logit per (caption, video) pair is
   a matching head on the pooled query set plus an alignment term (each query against what it
   read from the video), which gives the interaction a first-order gradient from the first step.
 - CrossTVR: both, built from one ModelConfig, with the final score and the matching loss.
@@ -99,11 +100,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attend(x, self.kv(context), key_mask)
+
+    def attend(self, x: torch.Tensor, kv: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention to keys and values already projected (self.kv of the context [B, M, 2D]): contexts shared by
+        several query sets are projected once."""
         B, N, D = x.shape
-        M = context.shape[1]
+        M = kv.shape[1]
         h = self.heads
         q = self.q(x).view(B, N, h, D // h).transpose(1, 2)  # [B, h, N, D/h]
-        k, v = self.kv(context).split(D, dim=-1)
+        k, v = kv.split(D, dim=-1)
         k = k.view(B, M, h, D // h).transpose(1, 2)  # [B, h, M, D/h]
         v = v.view(B, M, h, D // h).transpose(1, 2)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, M]
@@ -162,9 +168,15 @@ class CrossBlock(nn.Module):
         h = self.ln_self(x)
         return x + self.self_attn(h, h, query_mask)
 
-    def look(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross attention to the keys, then the MLP: (new query states, what each query read from the keys)."""
-        answer = self.cross(self.ln_q(x), self.ln_kv(kv), kv_mask)
+    def keys_values(self, context: torch.Tensor) -> torch.Tensor:
+        """The cross attention's keys and values of a context [..., M, D] -> [..., M, 2D]."""
+        return self.cross.kv(self.ln_kv(context))
+
+    def look(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None,
+             projected: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross attention to the keys (or, projected, to what keys_values made of them), then the MLP:
+        (new query states, what each query read from the keys)."""
+        answer = self.cross.attend(self.ln_q(x), kv if projected else self.keys_values(kv), kv_mask)
         x = x + answer
         return x + self.mlp(self.ln_mlp(x)), answer
 
@@ -284,6 +296,18 @@ class FirstStage(nn.Module):
 # ----------------------------------------------------------------------------- reranker
 
 
+@dataclass
+class EncodedFrames:
+    """The caption-independent part of the spatial stage for B videos (Reranker.encode_frames), computed once
+    per video and shared by every caption that meets it; `frames[rows]` picks videos."""
+
+    summary: torch.Tensor  # [B, T, D]: one token per frame
+    keys: tuple[torch.Tensor, ...] = ()  # 'attention': per spatial block, its projected keys/values [B, T, M, 2D]
+
+    def __getitem__(self, rows) -> "EncodedFrames":
+        return EncodedFrames(self.summary[rows], tuple(k[rows] for k in self.keys))
+
+
 class Reranker(nn.Module):
     """Decoupled spatial/temporal cross attention from a caption's query set to a video."""
 
@@ -299,19 +323,20 @@ class Reranker(nn.Module):
         self.queries = nn.Parameter(torch.zeros(config.n_queries, D))
 
         # spatial stage: frame -> one frame token
+        keys = config.patches // config.patch_pool**2
         if config.spatial in ("attention", "cls"):
             self.cls_ln = nn.LayerNorm(W)
             self.cls_proj = nn.Linear(W, D)
+        if config.spatial in ("attention", "flat"):
+            # the frame's summary: its centred patches, in place, through an MLP
+            self.flat_ln = nn.LayerNorm(W)
+            self.flat_mlp = nn.Sequential(nn.Linear(keys * W, D), nn.GELU(), nn.Linear(D, D))
         if config.spatial == "attention":
-            # keys: the centred patches (+ position, so left/right is visible) and the class token
+            # keys: the class token and the centred patches (+ position, so left/right is visible)
             self.patch_ln = nn.LayerNorm(W)
             self.patch_proj = nn.Linear(W, D)
-            self.patch_pos = nn.Parameter(torch.zeros(config.patches // config.patch_pool**2, D))
+            self.patch_pos = nn.Parameter(torch.zeros(keys, D))
             self.spatial_blocks = nn.ModuleList(block() for _ in range(config.layers))
-        elif config.spatial == "flat":
-            self.flat_ln = nn.LayerNorm(W)
-            self.flat_mlp = nn.Sequential(nn.Linear(config.patches // config.patch_pool**2 * W, D), nn.GELU(),
-                                          nn.Linear(D, D))
 
         # temporal stage: the query set attends across the frame tokens
         self.frame_ln = nn.LayerNorm(D)
@@ -361,30 +386,33 @@ class Reranker(nn.Module):
         frames = {"cls": ("cls_tokens",), "flat": ("patch_tokens",)}.get(self.config.spatial, ("patch_tokens", "cls_tokens"))
         return frames + ("frame_mask",)
 
-    def encode_frames(self, patch_tokens: torch.Tensor | None, cls_tokens: torch.Tensor | None) -> torch.Tensor:
-        """Caption-independent part of the spatial stage, reusable across captions.
+    def encode_frames(self, patch_tokens: torch.Tensor | None, cls_tokens: torch.Tensor | None) -> EncodedFrames:
+        """Caption-independent part of the spatial stage, computed once per video whatever meets it.
 
-        'attention': keys [B, T, 1+P, D] (class token first, then the centred patches);
-        'cls' and 'flat': the frame tokens themselves [B, T, D]. The input a mode does not read
-        (see video_inputs) may be None.
+        Every mode: a summary token per frame ('cls': the projected class token; 'flat' and 'attention':
+        the frame's centred patches, in place, through an MLP). 'attention' also: each spatial block's
+        keys and values of [class token, centred patches + position] [B, T, 1+P, 2D], projected here once
+        instead of once per (caption, video) pair. The input a mode does not read (see video_inputs) may be None.
         """
         spatial = self.config.spatial
         if spatial == "cls":
-            return self.cls_proj(self.cls_ln(cls_tokens))  # [B, T, D]
+            return EncodedFrames(self.cls_proj(self.cls_ln(cls_tokens)))  # [B, T, D]
         centred = centre_patches(pool_patches(patch_tokens, self.config.patch_pool))  # [B, T, P/k^2, W]
+        summary = self.flat_mlp(self.flat_ln(centred).flatten(2))  # [B, T, P*W] -> [B, T, D]
         if spatial == "flat":
-            return self.flat_mlp(self.flat_ln(centred).flatten(2))  # [B, T, P*W] -> [B, T, D]
-        P = patch_tokens.shape[2]
-        patches = self.patch_proj(self.patch_ln(centred)) + self.patch_pos[:P]  # [B, T, P, D]
+            return EncodedFrames(summary)
+        patches = self.patch_proj(self.patch_ln(centred)) + self.patch_pos[: centred.shape[2]]  # [B, T, P, D]
         cls = self.cls_proj(self.cls_ln(cls_tokens))  # [B, T, D]
-        return torch.cat([cls[:, :, None], patches], dim=2)  # [B, T, 1+P, D]
+        keys = torch.cat([cls[:, :, None], patches], dim=2)  # [B, T, 1+P, D]
+        return EncodedFrames(summary, tuple(block.keys_values(keys) for block in self.spatial_blocks))
 
-    def frame_tokens(self, queries: torch.Tensor, query_mask: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        """Spatial cross attention: the query set attends to each frame's keys -> frame tokens [B, T, D]."""
-        if self.config.spatial != "attention":
-            return frames  # already [B, T, D]
-        B, T, M, D = frames.shape
-        kv = frames.reshape(B * T, M, D)  # [B*T, 1+P, D]
+    def frame_tokens(self, queries: torch.Tensor, query_mask: torch.Tensor, frames: EncodedFrames) -> torch.Tensor:
+        """Spatial stage -> frame tokens [B, T, D]: the summary, plus for 'attention' what the query set read
+        from each frame by cross attention to its patches (the caption decides where to look)."""
+        if not frames.keys:
+            return frames.summary
+        B, T, M, D2 = frames.keys[0].shape
+        D = D2 // 2
         # The first block's self attention sees the same query set for every frame: compute it once
         # per pair, then give every frame its own copy (the spatial stage's main cost otherwise).
         x = self.spatial_blocks[0].talk(queries, query_mask)  # [B, N, D]
@@ -396,14 +424,16 @@ class Reranker(nn.Module):
         N = x.shape[1]
         x = x[:, None].expand(B, T, N, D).reshape(B * T, N, D)
         x_mask = x_mask[:, None].expand(B, T, N).reshape(B * T, N)
-        for i, block in enumerate(self.spatial_blocks):
+        for i, (block, kv) in enumerate(zip(self.spatial_blocks, frames.keys)):
             if i > 0:
                 x = block.talk(x, x_mask)
-            x = block.look(x, kv, None)[0]  # [B*T, N, D]
-        return masked_mean(x, x_mask).view(B, T, D)  # every valid query's answer, pooled
+            x = block.look(x, kv.reshape(B * T, M, D2), None, projected=True)[0]  # [B*T, N, D]
+        # every valid query's answer, pooled, on top of the frame's summary: the summary carries the whole frame
+        # (measured: attention alone, without it, 34.2 vs 38.4 for flat on the synthetic benchmark)
+        return frames.summary + masked_mean(x, x_mask).view(B, T, D)
 
     def match(
-        self, queries: torch.Tensor, query_mask: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor
+        self, queries: torch.Tensor, query_mask: torch.Tensor, frames: EncodedFrames, frame_mask: torch.Tensor
     ) -> torch.Tensor:
         """Query sets [B, Q+L, D] against encoded frames (see encode_frames) -> logits [B].
 

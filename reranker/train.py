@@ -102,10 +102,28 @@ def load_model(run: Path, which: str = "best") -> tuple[CrossTVR, dict]:
     run = Path(run)
     if not (run / "config.json").is_file():
         raise UserError(f"{run}: not a training run (no config.json); pass --run the folder train-reranker wrote")
-    state = load_checkpoint(run / f"{which}.pt")
-    model = CrossTVR(ModelConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
+    path = run / f"{which}.pt"
+    state = load_checkpoint(path)
+    try:
+        model = CrossTVR(ModelConfig(**state["model_config"]))
+    except TypeError as e:  # a config field this version does not know
+        raise _other_version(path, str(e)) from None
+    _restore(model, state["model"], path)
     return model.eval(), state
+
+
+def _other_version(path: Path, detail: str) -> UserError:
+    return UserError(f"{path}: made by another version of crosstvr's model ({detail[:160]}); "
+                     "retrain with train-reranker (without --resume) or use the version that wrote it")
+
+
+def _restore(model: CrossTVR, weights: dict, path: Path) -> None:
+    """load_state_dict, with a checkpoint of another model version refused in one line."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # missing / unexpected keys or other shapes
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise _other_version(path, lines[1] if len(lines) > 1 else lines[0]) from None
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -295,7 +313,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         run.mkdir(parents=True, exist_ok=True)
     if resume:
         state = load_checkpoint(run / "last.pt")
-        model.load_state_dict(state["model"])
+        _restore(model, state["model"], run / "last.pt")
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         step, best = state["step"], state["best"]

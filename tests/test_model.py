@@ -143,8 +143,12 @@ def test_reranker_shapes_and_candidate_scoring(spatial, share):
     assert logits.shape == (5,) and torch.isfinite(logits).all()
 
     frames = model.encode_frames(x["patch_tokens"], x["cls_tokens"])
-    expected = (5, 4, 1 + 9, 32) if spatial == "attention" else (5, 4, 32)
-    assert frames.shape == expected
+    assert frames.summary.shape == (5, 4, 32)  # one token per frame
+    # attention: each spatial block's keys and values of [class token, 9 patches], projected once per video
+    assert [k.shape for k in frames.keys] == ([(5, 4, 1 + 9, 2 * 32)] * cfg.layers if spatial == "attention" else [])
+    picked = frames[[3, 0]]
+    assert torch.equal(picked.summary, frames.summary[[3, 0]])
+    assert all(torch.equal(a, b[[3, 0]]) for a, b in zip(picked.keys, frames.keys, strict=True))
 
     # one caption against K=5 candidates == the same caption repeated on 5 paired rows
     K = 5

@@ -97,6 +97,22 @@ def test_checkpoint_with_pickled_payload_is_refused(tmp_path):
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_checkpoint_of_another_model_version_is_refused_in_one_line(cache, tmp_path):
+    run = train(_cfg(cache, tmp_path / "run", epochs=1), progress=False)
+    state = load_checkpoint(run / "last.pt")
+    weights = dict(state["model"])
+    weights.pop("reranker.head.1.weight")  # as if the run came from a version whose model had other parts
+    save_checkpoint(run / "best.pt", {**state, "model": weights})
+    with pytest.raises(UserError, match=r"best.pt: made by another version .*reranker.head.1.weight.*retrain"):
+        load_model(run)
+    save_checkpoint(run / "last.pt", {**state, "model_config": {**state["model_config"], "knob": 1}})
+    with pytest.raises(UserError, match=r"last.pt: made by another version .*knob"):
+        load_model(run, "last")
+    save_checkpoint(run / "last.pt", {**state, "model": weights})
+    with pytest.raises(UserError, match=r"last.pt: made by another version"):
+        train(_cfg(cache, run, epochs=2), resume=True, progress=False)
+
+
 def test_refusals(tmp_path):
     partial = make_feature_cache(tmp_path / "p.zarr", {"train": 6}, finish=False)
     with pytest.raises(UserError, match="extraction unfinished.*--allow-partial"):
