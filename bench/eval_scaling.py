@@ -67,8 +67,11 @@ def main() -> None:
         train_cfg = TrainConfig(**({"spatial": args.spatial} if args.spatial else {}))
         model = CrossTVR(model_config_for(cache, train_cfg)).eval()
 
+        whole = SplitFeatures.open(cache, "test")
+
         def split(n: int) -> SplitFeatures:  # the first n videos and their captions (one each)
-            return SplitFeatures(cache, "test", np.arange(n), np.arange(n), np.arange(n))
+            return SplitFeatures(cache, "test", np.arange(n), np.arange(n), np.arange(n), whole.frame_masks[:n],
+                                 whole.text_lengths[:n])
 
         rows, xs, ys, est = [], [], [], {}
         for n in ns:

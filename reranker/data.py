@@ -95,13 +95,20 @@ def _damaged(arr, rows: np.ndarray, error: Exception) -> UserError:
 
 @dataclass
 class SplitFeatures:
-    """The videos (done) and captions of one split, addressed by position within the split."""
+    """The videos (done) and captions of one split, addressed by position within the split.
+
+    Frame masks and caption lengths are held in memory (T bools a video, one int16 a caption, like the
+    index arrays below): a training step would otherwise pay a chunk read per video and per caption for a
+    few bytes each, and zarr's cost per chunk read, not the bytes, is most of a step's read time.
+    """
 
     cache: FeatureCache
     split: str
     videos: np.ndarray  # cache indices of the split's videos
     texts: np.ndarray  # cache indices of their captions
     text_video: np.ndarray  # for each caption of the split, the position of its video in `videos`
+    frame_masks: np.ndarray  # [videos, T] bool
+    text_lengths: np.ndarray  # [texts] int16
 
     @classmethod
     def open(cls, cache: FeatureCache, split: str | None, allow_partial: bool = False) -> "SplitFeatures":
@@ -131,7 +138,8 @@ class SplitFeatures:
         texts = np.flatnonzero((position[text_video_all] >= 0) & text_done)
         if len(videos) == 0 or len(texts) == 0:
             raise UserError(f"{cache.path}: split '{split}' has no extracted videos with captions; run `extract` first")
-        return cls(cache, split, videos, texts, position[text_video_all[texts]])
+        return cls(cache, split, videos, texts, position[text_video_all[texts]], _read(cache["frame_mask"], videos),
+                   _read(cache["text_lengths"], texts))
 
     @functools.cached_property
     def captions_of(self) -> list[list[int]]:
@@ -151,24 +159,24 @@ class SplitFeatures:
 
     def read_videos(self, positions: np.ndarray, arrays: tuple[str, ...] = VIDEO_ARRAYS) -> dict[str, torch.Tensor]:
         """Video features of split positions as stored (`arrays` of patch/cls tokens, frame embeddings (fp16),
-        frame masks): callers name what they use, every array is a chunk read per video."""
-        idx = self.videos[np.asarray(positions)]
-        return {name: torch.from_numpy(_read(self.cache[name], idx)) for name in arrays}
+        frame masks): callers name what they use; each array but the frame mask (in memory) is a chunk read per video."""
+        positions = np.asarray(positions)
+        idx = self.videos[positions]
+        return {name: torch.from_numpy(self.frame_masks[positions] if name == "frame_mask" else _read(self.cache[name], idx))
+                for name in arrays}
 
     def read_texts(self, positions: np.ndarray, arrays: tuple[str, ...] = TEXT_ARRAYS) -> dict[str, torch.Tensor]:
         """Caption features of split positions (`arrays` of text tokens and embeddings as stored (fp16), lengths
         (int64))."""
-        idx = self.texts[np.asarray(positions)]
-        out = {name: torch.from_numpy(_read(self.cache[name], idx)) for name in arrays}
-        if "text_lengths" in out:
-            out["text_lengths"] = out["text_lengths"].long()
-        return out
+        positions = np.asarray(positions)
+        idx = self.texts[positions]
+        return {name: torch.from_numpy(self.text_lengths[positions].astype(np.int64)) if name == "text_lengths"
+                else torch.from_numpy(_read(self.cache[name], idx)) for name in arrays}
 
     def read_frame_embeds(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Only the first stage's inputs of split positions: frame embeddings (fp16) and masks."""
-        idx = self.videos[np.asarray(positions)]
-        return (torch.from_numpy(_read(self.cache["frame_embeds"], idx)),
-                torch.from_numpy(_read(self.cache["frame_mask"], idx)))
+        v = self.read_videos(positions, ("frame_embeds", "frame_mask"))
+        return v["frame_embeds"], v["frame_mask"]
 
     def read_text_embeds(self, positions: np.ndarray) -> torch.Tensor:
         """Only the first stage's caption input of split positions: caption embeddings (fp16)."""

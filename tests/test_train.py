@@ -183,6 +183,8 @@ def test_mining_takes_the_nearest_video_and_then_the_captions_top_candidate(tmp_
                                                    ("attention", {"patch_tokens", "cls_tokens"})])
 def test_a_step_reads_only_what_it_uses(cache, spatial, frame_arrays, monkeypatch):
     """The reranker's inputs for every video and caption of the groups; first-stage embeddings for the anchors only."""
+    import zarr
+
     import reranker.data as data
     from pipeline.cache import FeatureCache
     from reranker.data import SplitFeatures
@@ -197,11 +199,17 @@ def test_a_step_reads_only_what_it_uses(cache, spatial, frame_arrays, monkeypatc
     videos = np.array([[0, 3, 7], [5, 1, 2]])  # 2 anchors (column 0), 2 negatives each
     captions = np.array([[feats.captions_of[v][-1] for v in row] for row in videos])
     batch = _read_step(feats, videos, captions, model.reranker.video_inputs)
+    assert set(batch["videos"]) == frame_arrays | {"frame_mask"} and set(batch["texts"]) == {"text_tokens", "text_lengths"}
 
-    assert sorted(reads) == sorted([(a, 6) for a in frame_arrays | {"frame_mask", "text_tokens", "text_lengths"}]
+    # frame masks and caption lengths come from memory (SplitFeatures holds them), not a chunk read per row
+    assert sorted(reads) == sorted([(a, 6) for a in frame_arrays | {"text_tokens"}]
                                    + [("frame_embeds", 2), ("text_embeds", 2)])
     monkeypatch.setattr(data, "_read", original)
     everything_v, everything_t = feats.read_videos(videos.reshape(-1)), feats.read_texts(captions.reshape(-1))
+    stored = zarr.open_group(cache, mode="r")  # independent of SplitFeatures: the arrays as extract wrote them
+    rows_v, rows_t = feats.videos[videos.reshape(-1)], feats.texts[captions.reshape(-1)]
+    assert np.array_equal(batch["videos"]["frame_mask"].numpy(), stored["frame_mask"][:][rows_v])
+    assert np.array_equal(batch["texts"]["text_lengths"].numpy(), stored["text_lengths"][:][rows_t])
     for name, value in batch["videos"].items():
         assert torch.equal(value, everything_v[name])
     for name, value in batch["texts"].items():
