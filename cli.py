@@ -181,7 +181,7 @@ def make_synthetic_cmd(out, videos, seed, size, seconds) -> None:
 @click.option("--run", type=click.Path(path_type=Path), help="Run folder [default: runs/<timestamp>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --run from its last checkpoint.")
 @click.option("--split", default="train", show_default=True)
-@click.option("--epochs", default=5, show_default=True)
+@click.option("--epochs", default=12, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--hard-negatives", default=1, show_default=True,
               help="Negatives per caption from its top first-stage candidates.")

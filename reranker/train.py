@@ -32,7 +32,7 @@ class TrainConfig:
     run: str = ""
     split: str = "train"
     val_split: str = "val"
-    epochs: int = 5  # passes over the videos as anchors (each anchor brings its hard negatives)
+    epochs: int = 12  # passes over the videos as anchors (each anchor brings its hard negatives)
     batch_size: int = 32  # captions (one per video) per step
     hard_negatives: int = 1  # the caption's top first-stage candidates, its own video excluded
     neighbour_negatives: int = 1  # the videos nearest to the caption's own video in the first stage (its twins)
