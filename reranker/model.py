@@ -323,19 +323,19 @@ class Reranker(nn.Module):
         self.queries = nn.Parameter(torch.zeros(config.n_queries, D))
 
         # spatial stage: frame -> one frame token
-        keys = config.patches // config.patch_pool**2
+        pooled = config.patches // config.patch_pool**2  # patches per frame after pooling
         if config.spatial in ("attention", "cls"):
             self.cls_ln = nn.LayerNorm(W)
             self.cls_proj = nn.Linear(W, D)
         if config.spatial in ("attention", "flat"):
             # the frame's summary: its centred patches, in place, through an MLP
             self.flat_ln = nn.LayerNorm(W)
-            self.flat_mlp = nn.Sequential(nn.Linear(keys * W, D), nn.GELU(), nn.Linear(D, D))
+            self.flat_mlp = nn.Sequential(nn.Linear(pooled * W, D), nn.GELU(), nn.Linear(D, D))
         if config.spatial == "attention":
             # keys: the class token and the centred patches (+ position, so left/right is visible)
             self.patch_ln = nn.LayerNorm(W)
             self.patch_proj = nn.Linear(W, D)
-            self.patch_pos = nn.Parameter(torch.zeros(keys, D))
+            self.patch_pos = nn.Parameter(torch.zeros(pooled, D))
             self.spatial_blocks = nn.ModuleList(block() for _ in range(config.layers))
 
         # temporal stage: the query set attends across the frame tokens
