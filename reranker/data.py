@@ -180,7 +180,7 @@ class SplitFeatures:
 
     def read_text_embeds(self, positions: np.ndarray) -> torch.Tensor:
         """Only the first stage's caption input of split positions: caption embeddings (fp16)."""
-        return torch.from_numpy(_read(self.cache["text_embeds"], self.texts[np.asarray(positions)]))
+        return self.read_texts(positions, ("text_embeds",))["text_embeds"]
 
     def all_text_embeds(self, block: int = 4096) -> torch.Tensor:
         """Caption embeddings of the whole split [N_texts, E], fp16 (small: the first stage needs them all)."""
