@@ -192,12 +192,16 @@ def make_synthetic_cmd(out, videos, seed, size, seconds) -> None:
 @click.option("--spatial", type=click.Choice(["attention", "cls", "flat"]), default="flat", show_default=True,
               help="Frame tokens: flat (default, measured best), attention (the paper's spatial cross attention), cls.")
 @click.option("--share-attention/--no-share-attention", default=False, show_default=True)
+@click.option("--dim", default=128, show_default=True, help="Reranker width D (divisible by --heads).")
+@click.option("--queries", default=4, show_default=True, help="Learnable queries beside the caption's tokens.")
+@click.option("--heads", default=4, show_default=True, help="Attention heads of the reranker.")
+@click.option("--layers", default=1, show_default=True, help="Cross-attention blocks per stage.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--checkpoint-every", default=50, show_default=True, help="Steps between checkpoints.")
 @click.option("--allow-partial", is_flag=True, help="Train on a cache whose extraction is unfinished.")
 @_friendly
 def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives, neighbour_negatives, lr, temporal,
-                   spatial, share_attention, seed, checkpoint_every, allow_partial) -> None:
+                   spatial, share_attention, dim, queries, heads, layers, seed, checkpoint_every, allow_partial) -> None:
     """Stage two: train the first stage and the reranker from cached tensors only."""
     from reranker.train import TrainConfig, train
 
@@ -206,7 +210,8 @@ def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives
     cfg = TrainConfig(cache=str(_resolve_cache(cache)) if not resume else "", run=str(run or ""), split=split,
                       epochs=epochs, batch_size=batch_size, hard_negatives=hard_negatives,
                       neighbour_negatives=neighbour_negatives, lr=lr, temporal=temporal,
-                      spatial=spatial, share_attention=share_attention, seed=seed, checkpoint_every=checkpoint_every,
+                      spatial=spatial, share_attention=share_attention, dim=dim, n_queries=queries, heads=heads,
+                      layers=layers, seed=seed, checkpoint_every=checkpoint_every,
                       allow_partial=allow_partial)
     path = train(cfg, resume=resume)
     click.echo(f"run {path}: best.pt, last.pt, log.jsonl")

@@ -70,6 +70,8 @@ class ModelConfig:
             raise ValueError(f"spatial must be one of {SPATIAL_MODES}, got {self.spatial!r}")
         if self.share_attention and self.spatial != "attention":
             raise ValueError("share_attention needs spatial='attention' (there is nothing to share)")
+        if min(self.dim, self.heads, self.layers) < 1:
+            raise ValueError(f"dim, heads and layers must be >= 1, got {self.dim}, {self.heads}, {self.layers}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if self.temporal == "transformer" and self.embed_dim % self.temporal_heads:

@@ -58,12 +58,15 @@ class TrainConfig:
 def model_config_for(cache: FeatureCache, cfg: TrainConfig) -> ModelConfig:
     """The model's widths come from the cache; the rest from the training options."""
     a = cache.attrs
-    return ModelConfig(
-        embed_dim=a["embed_dim"], patch_width=a["patch_width"], text_width=a["text_width"], frames=a["frames"],
-        patches=a["num_patches"], patch_pool=cfg.patch_pool if math.isqrt(a["num_patches"]) % cfg.patch_pool == 0 else 1,
-        temporal=cfg.temporal, spatial=cfg.spatial, share_attention=cfg.share_attention,
-        dim=cfg.dim, n_queries=cfg.n_queries, heads=cfg.heads, layers=cfg.layers,
-    )
+    try:
+        return ModelConfig(
+            embed_dim=a["embed_dim"], patch_width=a["patch_width"], text_width=a["text_width"], frames=a["frames"],
+            patches=a["num_patches"], patch_pool=cfg.patch_pool if math.isqrt(a["num_patches"]) % cfg.patch_pool == 0 else 1,
+            temporal=cfg.temporal, spatial=cfg.spatial, share_attention=cfg.share_attention,
+            dim=cfg.dim, n_queries=cfg.n_queries, heads=cfg.heads, layers=cfg.layers,
+        )
+    except ValueError as e:  # e.g. --dim not divisible by --heads, --queries 0
+        raise UserError(f"train-reranker options: {e}") from None
 
 
 def cache_signature(cache: FeatureCache) -> dict:

@@ -131,6 +131,31 @@ def test_refusals(tmp_path):
     assert not (tmp_path / "r3" / "last.pt").exists()
 
 
+def test_reranker_size_options_reach_the_run_and_bad_ones_are_one_line(cache, tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+
+    base = ["train-reranker", "--cache", str(cache), "--epochs", "1", "--batch-size", "8", "--checkpoint-every", "4"]
+    run = tmp_path / "sized"
+    result = CliRunner().invoke(cli.main, base + ["--run", str(run), "--spatial", "attention", "--dim", "48",
+                                                  "--heads", "3", "--queries", "5", "--layers", "2"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["dim"], saved["heads"], saved["n_queries"], saved["layers"]) == (48, 3, 5, 2)
+    model = load_model(run)[0].reranker
+    assert model.queries.shape == (5, 48) and len(model.spatial_blocks) == len(model.temporal_blocks) == 2
+    assert model.spatial_blocks[0].cross.heads == 3
+    for flags, says in ((["--dim", "30", "--heads", "4"], "dim 30 is not divisible by heads 4"),
+                        (["--layers", "0"], "dim, heads and layers must be >= 1, got 128, 4, 0"),
+                        (["--queries", "0"], "n_queries must be >= 1")):
+        bad = tmp_path / f"bad{flags[1]}"
+        result = CliRunner().invoke(cli.main, base + ["--run", str(bad)] + flags)
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith("error: train-reranker options: ") and says in result.output
+        assert not bad.exists()  # refused before anything is written
+
+
 def test_two_process_gloo_run_takes_the_expected_steps(cache, tmp_path):
     import os
     import subprocess
