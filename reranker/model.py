@@ -7,8 +7,8 @@ Everything here works on the frozen CLIP outputs stored in the cache, never on p
   At initialisation it IS zero-shot CLIP retrieval (identity projections, zero residual branch).
 - Reranker: the query set (the caption's text tokens plus a few learnable queries) first attends
   to the patch tokens of each frame separately (spatial cross attention -> one token per frame:
-  what the queries read, added to a caption-independent summary of the frame), then across the
-  frame tokens (temporal cross attention); one logit per (caption, video) pair is
+  what the queries read there), then across time (temporal cross attention) to those readings
+  and to a caption-independent summary of each frame; one logit per (caption, video) pair is
   a matching head on the pooled query set plus an alignment term (each query against what it
   read from the video), which gives the interaction a first-order gradient from the first step.
 - CrossTVR: both, built from one ModelConfig, with the final score and the matching loss.
@@ -335,6 +335,9 @@ class Reranker(nn.Module):
             self.patch_proj = nn.Linear(W, D)
             self.patch_pos = nn.Parameter(torch.zeros(pooled, D))
             self.spatial_blocks = nn.ModuleList(block() for _ in range(config.layers))
+            # the readings join the frame summaries as temporal keys of their own, marked by a type embedding
+            self.read_ln = nn.LayerNorm(D)
+            self.read_type = nn.Parameter(torch.zeros(D))
 
         # temporal stage: the query set attends across the frame tokens
         self.frame_ln = nn.LayerNorm(D)
@@ -358,6 +361,7 @@ class Reranker(nn.Module):
         nn.init.normal_(self.frame_pos, std=self.config.pos_init_std)
         if self.config.spatial == "attention":
             nn.init.normal_(self.patch_pos, std=self.config.pos_init_std)
+            nn.init.normal_(self.read_type, std=self.config.pos_init_std)
 
     def _temporal_blocks(self) -> nn.ModuleList:
         # sharing by lookup, not by registering one module twice, keeps state_dict free of aliases
@@ -404,11 +408,9 @@ class Reranker(nn.Module):
         keys = torch.cat([cls[:, :, None], patches], dim=2)  # [B, T, 1+P, D]
         return EncodedFrames(summary, tuple(block.keys_values(keys) for block in self.spatial_blocks))
 
-    def frame_tokens(self, queries: torch.Tensor, query_mask: torch.Tensor, frames: EncodedFrames) -> torch.Tensor:
-        """Spatial stage -> frame tokens [B, T, D]: the summary, plus for 'attention' what the query set read
-        from each frame by cross attention to its patches (the caption decides where to look)."""
-        if not frames.keys:
-            return frames.summary
+    def read_frames(self, queries: torch.Tensor, query_mask: torch.Tensor, frames: EncodedFrames) -> torch.Tensor:
+        """Spatial stage of 'attention' -> one reading per frame [B, T, D]: what the query set read from each
+        frame by cross attention to its patches (the caption decides where to look)."""
         B, T, M, D2 = frames.keys[0].shape
         D = D2 // 2
         # The first block's self attention sees the same query set for every frame: compute it once
@@ -426,14 +428,15 @@ class Reranker(nn.Module):
             if i > 0:
                 x = block.talk(x, x_mask)
             x = block.look(x, kv.reshape(B * T, M, D2), None)[0]  # [B*T, N, D]
-        # every valid query's answer, pooled, on top of the frame's summary: the summary carries the whole frame
-        # (measured: attention alone, without it, 34.2 vs 38.4 for flat on the synthetic benchmark)
-        return frames.summary + masked_mean(x, x_mask).view(B, T, D)
+        return masked_mean(x, x_mask).view(B, T, D)  # every valid query's answer, pooled
 
     def match(
         self, queries: torch.Tensor, query_mask: torch.Tensor, frames: EncodedFrames, frame_mask: torch.Tensor
     ) -> torch.Tensor:
         """Query sets [B, Q+L, D] against encoded frames (see encode_frames) -> logits [B].
+
+        Temporal keys: each frame's summary and, for 'attention', each frame's reading (read_frames), both
+        with the frame's position.
 
         logit = head(mean of the final query states) + align_scale * mean over the valid queries of
         cos(query in the caption's context, what it read from the video in the last temporal cross
@@ -445,14 +448,19 @@ class Reranker(nn.Module):
         then a box" and in "a box, then a ball" must expect different things (measured on the synthetic
         set: t2v R@1 42.3 -> 45.3, direction twins 46.2 -> 57.5; docs/benchmarks.md).
         """
-        tokens = self.frame_tokens(queries, query_mask, frames)  # [B, T, D]
-        T = tokens.shape[1]
+        T = frames.summary.shape[1]
+        pos = self.frame_pos[:T].to(frames.summary.dtype)
         # LayerNorm + std-1 positions: without them the reranker collapsed and could not see order
-        kv = self.frame_ln(tokens) + self.frame_pos[:T].to(tokens.dtype)  # [B, T, D]
+        kv, kv_mask = self.frame_ln(frames.summary) + pos, frame_mask  # [B, T, D], [B, T]
+        if frames.keys:
+            # 'attention': each frame's reading is a key of its own beside the frame's summary, not added to it
+            # (added, it blurred the summary's motion: direction twins 48.8 vs 57.5 for flat; docs/benchmarks.md)
+            reading = self.read_ln(self.read_frames(queries, query_mask, frames)) + pos + self.read_type
+            kv, kv_mask = torch.cat([kv, reading], dim=1), torch.cat([frame_mask, frame_mask], dim=1)  # [B, 2T, ...]
         x = queries
         for block in self._temporal_blocks():
             said = block.talk(x, query_mask)  # each query in the caption's context
-            x, answer = block.look(said, block.keys_values(kv), frame_mask)  # [B, Q+L, D] each
+            x, answer = block.look(said, block.keys_values(kv), kv_mask)  # [B, Q+L, D] each
         align = (F.normalize(self.align_text(said), dim=-1) * F.normalize(self.align_video(answer), dim=-1)).sum(-1)
         align = masked_mean(align[..., None], query_mask).squeeze(-1)  # [B]
         return self.head(masked_mean(x, query_mask)).squeeze(-1) + self.align_scale * align  # [B]
