@@ -132,13 +132,11 @@ def main() -> None:
             with sw(f"encode_frames ({len(videos_u)} videos)"):
                 frames = r.encode_frames(v.get("patch_tokens"), v.get("cls_tokens"))
             ti, vi = torch.from_numpy(t_inv), torch.from_numpy(v_inv)
-            with sw(f"spatial frame_tokens ({len(text_pos)} pairs)"):
-                tokens = r.frame_tokens(queries[ti], qmask[ti], frames[vi])
-            with sw("temporal + head"):
-                kv = r.frame_ln(tokens) + r.frame_pos[: tokens.shape[1]]
-                x = queries[ti]
-                for block in r._temporal_blocks():
-                    x = block(x, qmask[ti], kv, v["frame_mask"][vi])
+            if frames.keys:  # 'attention': the per-pair spatial stage alone
+                with sw(f"spatial read_frames ({len(text_pos)} pairs)"):
+                    r.read_frames(queries[ti], qmask[ti], frames[vi])
+            with sw(f"match = spatial (attention only) + temporal + head ({len(text_pos)} pairs)"):
+                r.match(queries[ti], qmask[ti], frames[vi], v["frame_mask"][vi])
             with sw("_rerank_pairs (same batch, as evaluate runs it)"):
                 _rerank_pairs(model, feats, text_pos, video_pos, device)
             # a candidate change, not what the library does today: bf16 autocast on CPU too
