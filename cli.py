@@ -167,12 +167,14 @@ def export_h5_cmd(cache, out) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--size", default=64, show_default=True, help="Frame size in pixels.")
 @click.option("--seconds", default=2.0, show_default=True)
+@click.option("--clutter", default=0, show_default=True,
+              help="Unnamed look-alike objects in the corners of every video (0 to 4).")
 @_friendly
-def make_synthetic_cmd(out, videos, seed, size, seconds) -> None:
+def make_synthetic_cmd(out, videos, seed, size, seconds, clutter) -> None:
     """Render the synthetic fine-grained video set (mp4 files, manifest.csv, scenes.jsonl)."""
     from pipeline.synthetic import make_synthetic
 
-    path = make_synthetic(out, videos=videos, seed=seed, size=size, seconds=seconds)
+    path = make_synthetic(out, videos=videos, seed=seed, size=size, seconds=seconds, clutter=clutter)
     click.echo(f"synthetic set in {path}")
 
 

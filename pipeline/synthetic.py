@@ -8,6 +8,10 @@ sentences built from the facts it makes true, and a twin is the same scene with 
 - order:     two objects are shown in the opposite order; again exactly the time reversal;
 - position:  positions mirrored left<->right or top<->bottom.
 
+With `clutter`, up to four more objects sit in the frame's corners, the same in a video and its twin and never
+named by a caption: the caption's objects must be found among look-alikes, which a summary of the whole frame
+holds only mixed with the clutter.
+
 Direction and order twins hold the same multiset of frames, so mean-pooled frame features cannot tell
 them apart; only a model that reads the frame order can. Every caption of a twin video states a fact
 that is false for its twin. Randomness comes from `numpy.random.default_rng` seeded per twin group and
@@ -56,11 +60,17 @@ RADIUS = {"small": 0.07, "large": 0.12}  # fraction of the frame side; shapes re
 CELLS = ("left", "right", "top", "bottom", "center")
 # Cells are 0.3 of the frame apart: two large shapes (1.2 * 0.12 each) never touch.
 CELL_XY = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8), "center": (0.5, 0.5)}
+# Clutter only: corners are never described, and are 0.3 from the nearest cells like the cells from each other.
+CORNERS = {"top-left": (0.2, 0.2), "top-right": (0.8, 0.2), "bottom-left": (0.2, 0.8), "bottom-right": (0.8, 0.8)}
 MOTIONS = ("left", "right", "up", "down", "still")
 REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up", "still": "still"}
 MIRROR = {"h": {"left": "right", "right": "left"}, "v": {"top": "bottom", "bottom": "top"}}
 # A moving object travels along a lane between 0.2 and 0.8 and blocks every cell it passes through.
 LANES = {"h": ("top", "center", "bottom"), "v": ("left", "center", "right")}
+LANE_CORNERS = {  # lanes 0.2 from the edge end in two corners
+    ("h", "top"): {"top-left", "top-right"}, ("h", "bottom"): {"bottom-left", "bottom-right"},
+    ("v", "left"): {"top-left", "bottom-left"}, ("v", "right"): {"top-right", "bottom-right"},
+}
 LANE_CELLS = {
     ("h", "top"): {"top"}, ("h", "center"): {"left", "center", "right"}, ("h", "bottom"): {"bottom"},
     ("v", "left"): {"left"}, ("v", "center"): {"top", "center", "bottom"}, ("v", "right"): {"right"},
@@ -137,18 +147,22 @@ class SceneObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """A video (or, with still, always visible objects, a single frame): one to three objects on a plain background."""
+    """A video (or, with still, always visible objects, a single frame): one to three objects on a plain background,
+    and the clutter in the corners that captions never name."""
 
     objects: tuple[SceneObject, ...]
+    clutter: tuple[SceneObject, ...] = ()
 
     def to_json(self) -> dict:
-        """A JSON-ready dict (visibility as a list)."""
-        return {"objects": [{**o.__dict__, "visible": list(o.visible)} for o in self.objects]}
+        """A JSON-ready dict (visibility as a list; no 'clutter' key without clutter)."""
+        as_json = lambda objs: [{**o.__dict__, "visible": list(o.visible)} for o in objs]  # noqa: E731
+        return {"objects": as_json(self.objects), **({"clutter": as_json(self.clutter)} if self.clutter else {})}
 
     @staticmethod
     def from_json(data: dict) -> Scene:
         """The inverse of to_json."""
-        return Scene(tuple(SceneObject(**{**o, "visible": tuple(o["visible"])}) for o in data["objects"]))
+        parse = lambda objs: tuple(SceneObject(**{**o, "visible": tuple(o["visible"])}) for o in objs)  # noqa: E731
+        return Scene(parse(data["objects"]), parse(data.get("clutter", [])))
 
 
 def describe(scene: Scene) -> str:
@@ -158,7 +172,8 @@ def describe(scene: Scene) -> str:
         where = f"lane {o.position}" if o.motion != "still" else f"at {o.position}"
         motion = "still" if o.motion == "still" else f"moving {o.motion}"
         parts.append(f"{o.size} {o.colour} {o.shape} {where}, {motion}, visible {o.visible[0]}/6-{o.visible[1]}/6")
-    return "; ".join(parts)
+    clutter = ", ".join(f"{o.size} {o.colour} {o.shape} at {o.position}" for o in scene.clutter)
+    return "; ".join(parts) + (f"; clutter: {clutter}" if clutter else "")
 
 
 def _pick(rng: np.random.Generator, options: Sequence):
@@ -263,6 +278,24 @@ def _sample_group(rng: np.random.Generator, kind: str | None) -> tuple[Scene, Sc
     raise ValueError(f"unknown twin kind {kind!r}")
 
 
+def _add_clutter(rng: np.random.Generator, scenes: Sequence[Scene], n: int) -> list[Scene]:
+    """The same n clutter objects (fewer where movers' lanes end in the corners) added to each of scenes.
+
+    Every clutter object looks like some object of the vocabulary, but never like one the scenes name
+    (colour and shape), so each caption still has one referent.
+    """
+    named = {o.key for s in scenes for o in s.objects}
+    blocked = {c for s in scenes for o in s.objects if o.motion != "still"
+               for c in LANE_CORNERS.get((AXIS[o.motion], o.position), ())}
+    corners = [c for c in CORNERS if c not in blocked]
+    looks = [(shape, colour) for shape in SHAPES for colour in COLOURS if (colour, shape) not in named]
+    clutter = tuple(
+        SceneObject(*looks[int(i)], _pick(rng, SIZES), corners[int(j)])
+        for i, j in zip(rng.permutation(len(looks))[:n], rng.permutation(len(corners))[:n])
+    )
+    return [replace(s, clutter=clutter) for s in scenes]
+
+
 # ----------------------------------------------------------------------------- drawing
 
 _SUPERSAMPLE = 2  # 2x2 samples per pixel: smooth edges at 64 px
@@ -310,7 +343,7 @@ def _draw(placed: Iterable[tuple[SceneObject, float, float]], size: int) -> np.n
 def centre(o: SceneObject, progress: float = 0.5) -> tuple[float, float]:
     """Where o's centre is (x, y in frame units, y down) at progress 0..1 through the clip."""
     if o.motion == "still":
-        return CELL_XY[o.position]
+        return CELL_XY[o.position] if o.position in CELL_XY else CORNERS[o.position]
     start, end = (0.8, 0.2) if o.motion in ("left", "up") else (0.2, 0.8)
     along = start + (end - start) * progress
     if AXIS[o.motion] == "h":
@@ -320,7 +353,7 @@ def centre(o: SceneObject, progress: float = 0.5) -> tuple[float, float]:
 
 def render_frame(scene: Scene, size: int) -> np.ndarray:
     """A still scene drawn as one [S, S, 3] uint8 RGB image (moving objects at the middle of their lane)."""
-    return _draw(((o, *centre(o)) for o in scene.objects), size)
+    return _draw(((o, *centre(o)) for o in scene.objects + scene.clutter), size)
 
 
 def _boundary(sixth: int, n_frames: int) -> int:
@@ -335,7 +368,7 @@ def render_video(scene: Scene, size: int, n_frames: int) -> np.ndarray:
     for t in range(n_frames):
         progress = t / (n_frames - 1) if n_frames > 1 else 0.5
         seen = [o for o in scene.objects if _boundary(o.visible[0], n_frames) <= t < _boundary(o.visible[1], n_frames)]
-        frames[t] = _draw(((o, *centre(o, progress)) for o in seen), size)
+        frames[t] = _draw(((o, *centre(o, progress)) for o in scene.clutter + tuple(seen)), size)
     return frames
 
 
@@ -466,7 +499,8 @@ def _templates(scene: Scene, static: bool) -> list[Template]:
         lead = f"only {NUMBER_WORDS[len(objs)]} {noun}" if len(objs) == 1 else f"{NUMBER_WORDS[len(objs)]} {noun}"
         return f"{lead}: {_join(parts)}", fs
 
-    out.append(count)
+    if not scene.clutter:  # clutter would make every count wrong
+        out.append(count)
 
     true = scene_facts(scene)
     by_key = {o.key: o for o in objs}
@@ -578,8 +612,12 @@ class PlannedVideo:
     twin_of: str | None
 
 
-def plan(videos: int, seed: int) -> list[PlannedVideo]:
-    """The benchmark's annotations, group by group; the first k videos are the same for any videos >= k."""
+def plan(videos: int, seed: int, clutter: int = 0) -> list[PlannedVideo]:
+    """The benchmark's annotations, group by group; the first k videos are the same for any videos >= k.
+
+    Clutter draws from a stream of its own: the scenes are those of the set without it (the captions are drawn
+    alike, less the counting ones).
+    """
     out: list[PlannedVideo] = []
     seen: set[frozenset] = set()
     group = 0
@@ -594,6 +632,8 @@ def plan(videos: int, seed: int) -> list[PlannedVideo]:
                 seen.update(keys)
                 break
         members = [scene] if twin is None or len(out) + 2 > videos else [scene, twin]
+        if clutter:
+            members = _add_clutter(np.random.default_rng([seed, group, 2]), members, clutter)
         ids = [f"videos/v{len(out) + m:05d}.mp4" for m in range(len(members))]
         for m, s in enumerate(members):
             other = members[1 - m] if len(members) == 2 else None
@@ -682,8 +722,12 @@ def make_synthetic(
     seconds: float = 2.0,
     fps: int = 12,
     workers: int | None = None,
+    clutter: int = 0,
 ) -> Path:
-    """Render the benchmark into out/ (videos/*.mp4, scenes.jsonl, manifest.csv last); resumes a killed run."""
+    """Render the benchmark into out/ (videos/*.mp4, scenes.jsonl, manifest.csv last); resumes a killed run.
+
+    clutter: unnamed objects in the corners of every video (0 to 4; see the module docstring).
+    """
     n_frames = int(round(seconds * fps))
     if videos < 1:
         raise UserError(f"--videos {videos}: need at least 1 video")
@@ -691,10 +735,14 @@ def make_synthetic(
         raise UserError(f"--size {size}: need an even frame size of at least 16 pixels (H.264 yuv420p)")
     if fps < 1 or n_frames < 2:
         raise UserError(f"--seconds {seconds} at {fps} fps gives {n_frames} frames; need at least 2")
+    if not 0 <= clutter <= len(CORNERS):
+        raise UserError(f"--clutter {clutter}: need 0 to {len(CORNERS)} objects (one per corner)")
     out = Path(out)
     params = {"format": FORMAT_VERSION, "seed": seed, "size": size, "seconds": seconds, "fps": fps, "frames": n_frames}
+    if clutter:  # only then, so sets made before clutter existed keep their params and are not re-rendered
+        params["clutter"] = clutter
     _prepare(out, params)
-    planned = plan(videos, seed)
+    planned = plan(videos, seed, clutter)
     todo = [p for p in planned if not (out / p.video).is_file()]
     if todo:
         # A manifest next to missing videos would read as a finished set.

@@ -6,6 +6,7 @@ import itertools
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,12 @@ from pipeline.synthetic import (
     BACKGROUND,
     CELL_WORDS,
     COLOURS,
+    CORNERS,
     EVENT_WORDS,
     LANE_WORDS,
     MOTION_ING,
     MOTION_WORDS,
+    RADIUS,
     SHAPE_WORDS,
     SIZE_WORDS,
     TWIN_ATTRIBUTE,
@@ -450,3 +453,46 @@ def test_adapter_generates_when_missing(generated, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(generated, copy)
     assert [r.captions for r in load(copy)] == [r.captions for r in records]
+
+
+# ------------------------------------------------------------------------------ clutter
+
+
+def test_clutter_adds_unnamed_corner_objects_and_keeps_scenes_and_twins():
+    plain, cluttered = plan(80, 7), plan(80, 7, clutter=4)
+    assert [replace(p.scene, clutter=()) for p in cluttered] == [p.scene for p in plain]
+    by_id = {p.video: p for p in cluttered}
+    full = 0
+    for p in cluttered:
+        scene = p.scene
+        named = {o.key for o in scene.objects}
+        assert len(scene.clutter) <= 4 and len({o.position for o in scene.clutter}) == len(scene.clutter)
+        full += len(scene.clutter) == 4
+        assert all(o.position in CORNERS and o.motion == "still" and o.visible == (0, 6) for o in scene.clutter)
+        assert not named & {o.key for o in scene.clutter}, scene  # every caption keeps a single referent
+        counts = [c for c in p.captions if re.search(r"\b(one|two|three) (objects?|shapes?)\b", c)]
+        assert not (counts and scene.clutter), counts  # clutter would make them wrong
+        if p.twin_of:
+            twin = by_id[p.twin_of].scene
+            assert twin.clutter == scene.clutter and not {o.key for o in twin.objects} & {o.key for o in scene.clutter}
+        frames, bare = render_video(scene, SIZE, FRAMES), render_video(replace(scene, clutter=()), SIZE, FRAMES)
+        changed = np.zeros((SIZE, SIZE), bool)
+        for o in scene.clutter:
+            cx, cy = (int(v * SIZE) for v in CORNERS[o.position])
+            assert (frames[:, cy, cx] == COLOURS[o.colour]).all(), o  # drawn in every frame
+            reach = int(np.ceil(1.25 * RADIUS[o.size] * SIZE))
+            changed[cy - reach: cy + reach + 1, cx - reach: cx + reach + 1] = True
+        assert (frames != bare).any(-1).any(0)[~changed].sum() == 0  # nothing else moved: movers' corners are left free
+        if p.twin_kind in ("direction", "order"):
+            assert np.array_equal(render_video(by_id[p.twin_of].scene, SIZE, FRAMES), frames[::-1])
+    assert full > len(cluttered) / 2
+
+
+def test_clutter_is_recorded_and_bounded(tmp_path):
+    root = make_synthetic(tmp_path / "c", videos=3, seed=2, workers=1, clutter=2)
+    assert json.loads((root / "params.json").read_text())["clutter"] == 2
+    rows = read_scenes(root)
+    assert all(len(r["scene"].clutter) == 2 and "clutter: " in r["description"] for r in rows)
+    assert "clutter" not in json.loads((make_synthetic(tmp_path / "p", videos=1, workers=1) / "params.json").read_text())
+    with pytest.raises(UserError, match="--clutter 5"):
+        make_synthetic(tmp_path / "x", videos=2, clutter=5)
