@@ -104,6 +104,9 @@ def _evaluate(model: CrossTVR, feats: SplitFeatures, top_k: int, device: torch.d
         two_v2t = M.two_stage_scores(first.T, cand_v, final_v).T
         seconds["two_stage"] = time.time() - t0
         results["two_stage"] = {"t2v": M.t2v_metrics(two_t2v, truth), "v2t": M.v2t_metrics(two_v2t, truth, n_videos)}
+        # The reranker's own logits within each caption's top-K, averaged: near 0 means it has collapsed.
+        logits = final - first[np.arange(len(cand))[:, None], cand] / model.config.score_weight
+        results["rerank_logit_spread"] = float(logits.std(axis=1).mean())
     return Evaluation(results, first, two_t2v, two_v2t, seconds)
 
 

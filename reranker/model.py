@@ -79,6 +79,9 @@ class ModelConfig:
         grid = math.isqrt(self.patches)
         if self.patch_pool < 1 or grid * grid != self.patches and self.patch_pool > 1 or grid % self.patch_pool:
             raise ValueError(f"patch_pool {self.patch_pool} must divide the patch grid side {grid} (P={self.patches})")
+        if self.spatial != "cls" and self.patches // self.patch_pool**2 < 2:
+            # centring a frame's only patch leaves zeros: the reranker would never see the video
+            raise ValueError(f"patch_pool {self.patch_pool} leaves one patch per frame (P={self.patches}); need at least 2")
         if self.spatial_queries not in ("learned", "all"):
             raise ValueError(f"spatial_queries must be 'learned' or 'all', got {self.spatial_queries!r}")
         if self.n_queries < 1:

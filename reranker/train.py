@@ -48,7 +48,7 @@ class TrainConfig:
     spatial: str = "flat"  # measured best on the synthetic set (docs/benchmarks.md); attention is the paper's
     share_attention: bool = False
     dim: int = 128
-    patch_pool: int = 2  # reduced to 1 when it does not divide the cache's patch grid
+    patch_pool: int = 2  # reduced to 1 when it does not divide the cache's patch grid or leaves a 1 x 1 grid
     n_queries: int = 4
     heads: int = 4
     layers: int = 1
@@ -58,10 +58,11 @@ class TrainConfig:
 def model_config_for(cache: FeatureCache, cfg: TrainConfig) -> ModelConfig:
     """The model's widths come from the cache; the rest from the training options."""
     a = cache.attrs
+    grid = math.isqrt(a["num_patches"])
     try:
         return ModelConfig(
             embed_dim=a["embed_dim"], patch_width=a["patch_width"], text_width=a["text_width"], frames=a["frames"],
-            patches=a["num_patches"], patch_pool=cfg.patch_pool if math.isqrt(a["num_patches"]) % cfg.patch_pool == 0 else 1,
+            patches=a["num_patches"], patch_pool=cfg.patch_pool if grid % cfg.patch_pool == 0 and grid > cfg.patch_pool else 1,
             temporal=cfg.temporal, spatial=cfg.spatial, share_attention=cfg.share_attention,
             dim=cfg.dim, n_queries=cfg.n_queries, heads=cfg.heads, layers=cfg.layers,
         )
@@ -384,9 +385,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         bar.set_postfix(loss=f"{loss.item():.3f}", spread=f"{stats['logit_spread']:.3f}", sps=f"{rate:.0f}")
         bar.update(1)
         if step % steps_per_epoch == 0 and rank == 0:
-            metrics = evaluate_split(model, val, min(cfg.top_k, val.n_videos), device)["two_stage"]["t2v"] if val else None
+            results = evaluate_split(model, val, min(cfg.top_k, val.n_videos), device) if val else {}
+            metrics = results.get("two_stage", {}).get("t2v")
             score = metrics["R@1"] if metrics else -loss.item()
-            logf.write(json.dumps({"epoch": epoch, "step": step, "val_two_stage_t2v": metrics}) + "\n")
+            logf.write(json.dumps({"epoch": epoch, "step": step, "val_two_stage_t2v": metrics,
+                                   "val_rerank_logit_spread": results.get("rerank_logit_spread")}) + "\n")
             if score > best:
                 best = score
                 checkpoint("best.pt")

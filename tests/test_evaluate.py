@@ -6,13 +6,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import cli
+from pipeline.cache import FeatureCache
 from pipeline.errors import UserError
 from reranker import metrics as M
-from reranker.evaluate import EvalConfig, run_evaluate
-from reranker.train import TrainConfig, train
+from reranker.data import SplitFeatures
+from reranker.evaluate import EvalConfig, _rerank_pairs, run_evaluate
+from reranker.train import TrainConfig, load_model, train
 from tests.conftest import make_feature_cache
 
 KEYS = {"R@1", "R@5", "R@10", "MdR", "MnR"}
@@ -32,7 +35,7 @@ def test_json_schema_and_saved_matrices_reproduce_it(trained):
     results, where = run_evaluate(EvalConfig(cache=cache, run=run, top_k=4, out=tmp / "m.json", save_sims=tmp / "sims"))
     saved = json.loads((tmp / "m.json").read_text())
     assert saved == results
-    assert set(saved) == {"split", "n_videos", "n_texts", "top_k", "first_stage", "two_stage"}
+    assert set(saved) == {"split", "n_videos", "n_texts", "top_k", "first_stage", "two_stage", "rerank_logit_spread"}
     assert (saved["split"], saved["n_videos"], saved["n_texts"], saved["top_k"]) == ("test", 10, 30, 4)
     for stage in ("first_stage", "two_stage"):
         assert set(saved[stage]) == {"t2v", "v2t"} and set(saved[stage]["t2v"]) == KEYS
@@ -53,6 +56,12 @@ def test_json_schema_and_saved_matrices_reproduce_it(trained):
         assert two[q, cand[q]].min() > two[q, others].max()
         order_first = others[np.argsort(-first[q, others], kind="stable")]
         assert np.all(np.diff(two[q, order_first]) <= 0)
+    # the collapse signal: the reranker's own logits, each caption against its top-K candidates
+    model, _ = load_model(run)
+    feats = SplitFeatures.open(FeatureCache(cache), "test")
+    logits = _rerank_pairs(model, feats, np.repeat(np.arange(30), 4), cand.reshape(-1), torch.device("cpu"))
+    assert saved["rerank_logit_spread"] == pytest.approx(logits.reshape(30, 4).std(axis=1).mean(), rel=1e-4)
+    assert saved["rerank_logit_spread"] > 0
     assert (tmp / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(where["seconds"]) == {"first_stage", "two_stage"}
 

@@ -60,6 +60,10 @@ def test_config_is_json_and_validated():
         small_config(temporal="lstm")
     with pytest.raises(ValueError):
         small_config(spatial="cls", share_attention=True)
+    # pooling a 2 x 2 grid to one patch: centring it would leave the reranker nothing of the video
+    with pytest.raises(ValueError, match="one patch per frame"):
+        ModelConfig(patches=4, patch_pool=2, spatial="flat")
+    assert ModelConfig(patches=4, patch_pool=2, spatial="cls").patch_pool == 2  # cls reads no patches
 
 
 # ----------------------------------------------------------------------------- first stage

@@ -45,6 +45,7 @@ def test_training_reads_only_the_cache_and_the_loss_decreases(cache, tmp_path, m
     assert all(k in steps[0] for k in ("contrastive", "matching", "lr", "logit_spread", "samples_per_s"))
     val = [r for r in _log(run) if "val_two_stage_t2v" in r]
     assert len(val) == 12 and set(val[0]["val_two_stage_t2v"]) == {"R@1", "R@5", "R@10", "MdR", "MnR"}
+    assert all(r["val_rerank_logit_spread"] > 0 for r in val)  # the collapse signal, within the top-K
     for name in ("config.json", "last.pt", "best.pt"):
         assert (run / name).is_file()
     config = json.loads((run / "config.json").read_text())
@@ -243,3 +244,15 @@ def test_a_step_reads_only_what_it_uses(cache, spatial, frame_arrays, monkeypatc
     assert torch.equal(batch["anchor_text_embeds"], everything_t["text_embeds"][[0, 3]])
     loss, stats = _forward(model, batch, torch.device("cpu"))
     assert loss.isfinite() and stats["logit_spread"] >= 0
+
+
+def test_patch_pool_keeps_at_least_a_2x2_grid(tmp_path):
+    from pipeline.cache import FeatureCache
+    from reranker.train import model_config_for
+
+    def pool(patches):
+        path = make_feature_cache(tmp_path / f"p{patches}.zarr", {"train": 2}, patches=patches)
+        return model_config_for(FeatureCache(path), _cfg(path, "unused")).patch_pool
+
+    # 2 x 2 pooled to 1 x 1 would leave nothing after centring; 3 x 3 is not divisible; 4 x 4 -> 2 x 2
+    assert (pool(4), pool(9), pool(16)) == (1, 1, 2)
