@@ -50,21 +50,24 @@ def _rerank_pairs(model: CrossTVR, feats: SplitFeatures, text_pos: np.ndarray, v
 
 
 def rerank(model: CrossTVR, feats: SplitFeatures, first: np.ndarray, top_k: int, device: torch.device,
-           videos_are_queries: bool = False, pairs_per_batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Top-K candidates of every query and their final scores (reranker logit + first-stage cosine / weight)."""
+           videos_are_queries: bool = False, pairs_per_batch: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-K candidates of every query, their final scores (reranker logit + first-stage cosine / weight) and the
+    reranker logits alone, each [queries, K]."""
     scores = first.T if videos_are_queries else first  # [queries, items]
     candidates = M.topk_candidates(scores, top_k)
     final = np.empty(candidates.shape, dtype=np.float64)
+    logits = np.empty(candidates.shape, dtype=np.float64)
     per_batch = max(1, pairs_per_batch // top_k)
     for lo in range(0, len(candidates), per_batch):
         q = np.arange(lo, min(lo + per_batch, len(candidates)))
         query = np.repeat(q, top_k)
         item = candidates[q].reshape(-1)
         text_pos, video_pos = (item, query) if videos_are_queries else (query, item)
-        logits = _rerank_pairs(model, feats, text_pos, video_pos, device)
+        pair_logits = _rerank_pairs(model, feats, text_pos, video_pos, device).astype(np.float64)
         cos = torch.from_numpy(scores[query, item].astype(np.float64))
-        final[q] = model.final_score(cos, torch.from_numpy(logits).double()).numpy().reshape(len(q), top_k)
-    return candidates, final
+        final[q] = model.final_score(cos, torch.from_numpy(pair_logits)).numpy().reshape(len(q), top_k)
+        logits[q] = pair_logits.reshape(len(q), top_k)
+    return candidates, final, logits
 
 
 @dataclass
@@ -97,15 +100,14 @@ def _evaluate(model: CrossTVR, feats: SplitFeatures, top_k: int, device: torch.d
     two_t2v = two_v2t = None
     if not zero_shot:
         t0 = time.time()
-        cand, final = rerank(model, feats, first, top_k, device)
+        cand, final, logits = rerank(model, feats, first, top_k, device)
         two_t2v = M.two_stage_scores(first, cand, final)
         k_text = min(top_k, feats.n_texts)
-        cand_v, final_v = rerank(model, feats, first, k_text, device, videos_are_queries=True)
+        cand_v, final_v, _ = rerank(model, feats, first, k_text, device, videos_are_queries=True)
         two_v2t = M.two_stage_scores(first.T, cand_v, final_v).T
         seconds["two_stage"] = time.time() - t0
         results["two_stage"] = {"t2v": M.t2v_metrics(two_t2v, truth), "v2t": M.v2t_metrics(two_v2t, truth, n_videos)}
-        # The reranker's own logits within each caption's top-K, averaged: near 0 means it has collapsed.
-        logits = final - first[np.arange(len(cand))[:, None], cand] / model.config.score_weight
+        # The spread of the reranker's own logits within each caption's top-K, averaged: near 0 means it has collapsed.
         results["rerank_logit_spread"] = float(logits.std(axis=1).mean())
     return Evaluation(results, first, two_t2v, two_v2t, seconds)
 
