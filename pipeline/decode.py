@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import ffmpeg
 import numpy as np
 
-from pipeline.ffmpeg import ffmpeg_exe
+from pipeline.ffmpeg import ffmpeg_exe, passthrough_option
 
 
 class DecodeError(Exception):
@@ -24,18 +23,18 @@ class DecodedVideo:
     mask: np.ndarray
 
 
-_FRAME_COUNT = re.compile(r"frame=\s*(\d+)")
-
-
 def count_frames(path: Path) -> int:
-    """Number of frames in the first video stream, counted by demuxing without decoding."""
-    stream = ffmpeg.input(str(path)).output("-", map="0:v:0", c="copy", f="null")
+    """Number of packets (frames) in the first video stream, counted by demuxing without decoding.
+
+    The framecrc muxer writes one line per packet to stdout; ffmpeg's own "frame=" stats line is not used, as
+    ffmpeg 7.0 leaves the count out of it when the stream is copied.
+    """
+    stream = ffmpeg.input(str(path)).output("-", map="0:v:0", c="copy", f="framecrc")
     try:
-        _, err = stream.run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
+        out, _ = stream.run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
     except ffmpeg.Error as e:
         raise DecodeError(_reason(e.stderr)) from None
-    counts = _FRAME_COUNT.findall(err.decode("utf-8", "replace"))
-    return int(counts[-1]) if counts else 0
+    return sum(1 for line in out.splitlines() if line and not line.startswith(b"#"))
 
 
 def sample_indices(n_available: int, n_frames: int) -> list[int]:
@@ -56,15 +55,16 @@ def decode_video(path: Path, n_frames: int, size: int) -> DecodedVideo:
     if not wanted:
         raise DecodeError("no decodable video frames")
     select = "+".join(f"eq(n,{i})" for i in wanted)  # ffmpeg-python escapes the commas
+    exe = ffmpeg_exe()
     stream = (
         ffmpeg.input(str(path), threads=1)
         .video.filter("select", select)
         .filter("scale", size, size, force_original_aspect_ratio="increase", flags="bicubic")
         .filter("crop", size, size)
-        .output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough", an=None, sn=None)
+        .output("pipe:", format="rawvideo", pix_fmt="rgb24", an=None, sn=None, **passthrough_option(exe))
     )
     try:
-        out, _ = stream.run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
+        out, _ = stream.run(cmd=exe, capture_stdout=True, capture_stderr=True)
     except ffmpeg.Error as e:
         raise DecodeError(_reason(e.stderr)) from None
     frame_bytes = size * size * 3

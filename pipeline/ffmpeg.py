@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import re
 import shutil
+import subprocess
 
 
 @functools.lru_cache(maxsize=1)
@@ -15,3 +17,15 @@ def ffmpeg_exe() -> str:
     import imageio_ffmpeg
 
     return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+@functools.lru_cache(maxsize=None)
+def passthrough_option(exe: str) -> dict[str, str]:
+    """The output option that passes frames on as decoded (no duplicates to fill time gaps): `-fps_mode` from
+    ffmpeg 5.1, `-vsync` before it (ffmpeg 9 removed `-vsync`; Ubuntu 22.04 ships 4.4). Builds without a release
+    number (git snapshots) are taken as recent."""
+    first = subprocess.run([exe, "-version"], capture_output=True, text=True).stdout.partition("\n")[0]
+    release = re.match(r"ffmpeg version n?(\d+)\.(\d+)", first)
+    if release and (int(release[1]), int(release[2])) < (5, 1):
+        return {"vsync": "passthrough"}
+    return {"fps_mode": "passthrough"}

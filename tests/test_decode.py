@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.decode import DecodeError, count_frames, decode_video, sample_indices
-from pipeline.ffmpeg import ffmpeg_exe
+from pipeline.ffmpeg import ffmpeg_exe, passthrough_option
 from tests.conftest import level_frames, write_video
 
 
@@ -20,6 +20,31 @@ def test_sample_indices_are_segment_centres():
 def test_count_frames(tmp_path):
     assert count_frames(write_video(tmp_path / "a.mp4", level_frames(17))) == 17
 
+
+def test_count_frames_does_not_read_ffmpeg_log(tmp_path, monkeypatch):
+    # ffmpeg 7.0 prints no frame count for a copied stream: an ffmpeg that logs only errors stands in for it
+    path = write_video(tmp_path / "a.mp4", level_frames(17))
+    quiet = tmp_path / "ffmpeg"
+    quiet.write_text(f'#!/bin/sh\nexec "{ffmpeg_exe()}" -loglevel error "$@"\n')
+    quiet.chmod(0o755)
+    monkeypatch.setattr("pipeline.decode.ffmpeg_exe", lambda: str(quiet))
+    assert count_frames(path) == 17
+    assert decode_video(path, n_frames=4, size=16).mask.all()
+
+
+
+@pytest.mark.parametrize("banner, option", [
+    ("ffmpeg version 4.4.2-0ubuntu0.22.04.1 Copyright (c) 2000-2021", "vsync"),  # Ubuntu 22.04's apt ffmpeg
+    ("ffmpeg version 5.0.3 Copyright (c) 2000-2022", "vsync"),
+    ("ffmpeg version 5.1.4-0+deb12u1 Copyright (c) 2000-2023", "fps_mode"),
+    ("ffmpeg version n9.0.2-17-g2a571b6068-20251120 Copyright (c) 2000-2025", "fps_mode"),
+    ("ffmpeg version N-113254-g3a5a7a0a2e-static https://johnvansickle.com/ffmpeg/", "fps_mode"),  # git snapshot
+])
+def test_passthrough_option_follows_the_ffmpeg_release(tmp_path, banner, option):
+    fake = tmp_path / "ffmpeg"
+    fake.write_text(f"#!/bin/sh\necho '{banner}'\necho 'built with gcc'\n")
+    fake.chmod(0o755)
+    assert passthrough_option(str(fake)) == {option: "passthrough"}
 
 def test_decode_samples_the_right_frames(tmp_path):
     path = write_video(tmp_path / "levels.mp4", level_frames(30))
