@@ -26,9 +26,8 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def first_stage_sims(model: CrossTVR, feats: SplitFeatures, device: torch.device) -> np.ndarray:
     """Cosine similarity of every caption with every video of the split: float32 [texts, videos]."""
-    videos = video_bank(model, feats, device)  # [V, E]
-    with autocast(device):
-        texts = model.first_stage.encode_text(feats.all_text_embeds().to(device).float()).float().cpu()  # [N, E]
+    videos = video_bank(model, feats, device)  # [V, E], float32 like the captions
+    texts = model.first_stage.encode_text(feats.all_text_embeds().to(device).float()).cpu()  # [N, E]
     return (texts @ videos.T).numpy().astype(np.float32)
 
 

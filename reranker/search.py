@@ -52,8 +52,7 @@ def search(cache_path: Path, run: Path, query: str, top: int = 10, top_k: int = 
     model = model.to(device)
     tokens, lengths, emb = query_encoder(cache).encode_captions([query])
     bank = video_bank(model, feats, device)  # [V, E]
-    with autocast(device):
-        first = (model.first_stage.encode_text(emb.to(device)).float().cpu() @ bank.T)[0]  # [V]
+    first = (model.first_stage.encode_text(emb.to(device).float()).cpu() @ bank.T)[0]  # [V], float32 like the bank
     k = min(top_k, feats.n_videos)
     candidates = first.topk(k).indices.numpy()
     v = to_device(feats.read_videos(candidates, model.reranker.video_inputs), device)

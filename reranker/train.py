@@ -169,12 +169,14 @@ def _epoch_plan(feats: SplitFeatures, cfg: TrainConfig, epoch: int) -> list[tupl
 
 @torch.no_grad()
 def video_bank(model: CrossTVR, feats: SplitFeatures, device: torch.device, block: int = 512) -> torch.Tensor:
-    """First-stage embeddings of every video of the split [V, E], streamed from the cache in blocks."""
+    """First-stage embeddings of every video of the split [V, E], streamed from the cache in blocks.
+
+    Float32 on every device, as is the caption side: the first stage is small, and bf16 rounding (~4e-3 on a
+    cosine) would reorder near-tied candidates and keep zero-shot from equalling CLIP's own cosine."""
     parts = []
     for lo in range(0, feats.n_videos, block):
         fe, fm = feats.read_frame_embeds(np.arange(lo, min(lo + block, feats.n_videos)))
-        with autocast(device):
-            parts.append(model.first_stage.encode_video(fe.to(device).float(), fm.to(device)).float().cpu())
+        parts.append(model.first_stage.encode_video(fe.to(device).float(), fm.to(device)).cpu())
     return torch.cat(parts)
 
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 import cli
 from pipeline.cache import FeatureCache
+from pipeline.encoder import default_device
 from pipeline.errors import UserError
 from reranker import metrics as M
 from reranker.data import SplitFeatures
@@ -57,17 +58,22 @@ def test_json_schema_and_saved_matrices_reproduce_it(trained):
         order_first = others[np.argsort(-first[q, others], kind="stable")]
         assert np.all(np.diff(two[q, order_first]) <= 0)
     # the collapse signal: the reranker's own logits, each caption against its top-K candidates
+    device = default_device()  # evaluate's own: bf16 on CUDA rounds differently from CPU float32
     model, _ = load_model(run)
     feats = SplitFeatures.open(FeatureCache(cache), "test")
-    logits = _rerank_pairs(model, feats, np.repeat(np.arange(30), 4), cand.reshape(-1), torch.device("cpu"))
+    logits = _rerank_pairs(model.to(device), feats, np.repeat(np.arange(30), 4), cand.reshape(-1), device)
     assert saved["rerank_logit_spread"] == pytest.approx(logits.reshape(30, 4).std(axis=1).mean(), rel=1e-4)
     assert saved["rerank_logit_spread"] > 0
     assert (tmp / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(where["seconds"]) == {"first_stage", "two_stage"}
 
 
-def test_zero_shot_equals_raw_clip_cosine(trained):
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16_autocast_as_on_cuda"])
+def test_zero_shot_equals_raw_clip_cosine(trained, monkeypatch, bf16):
     tmp, cache, _ = trained
+    if bf16:  # what a CUDA device runs under: the first stage must stay float32 even there
+        for module in ("reranker.train", "reranker.evaluate"):
+            monkeypatch.setattr(f"{module}.autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     results, _ = run_evaluate(EvalConfig(cache=cache, zero_shot=True, out=tmp / "zs.json", save_sims=tmp / "zs"))
     assert "two_stage" not in results
     from pipeline.cache import FeatureCache
