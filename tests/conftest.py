@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import ffmpeg
@@ -11,7 +12,15 @@ import pytest
 
 from pipeline.ffmpeg import ffmpeg_exe
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "real-data"
+ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = ROOT.parent / "shared" / "real-data"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment for a child `python cli.py`: the repo first on PYTHONPATH, whatever was there kept (the
+    dependencies may live there), plus extra variables."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 12) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +19,8 @@ from pipeline.decode import decode_video
 from pipeline.encoder import FrozenEncoder
 from pipeline.errors import UserError
 from pipeline.extract import ExtractConfig, run_extract
-from tests.conftest import REAL_DATA
+from tests.conftest import REAL_DATA, ROOT, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[1]
 FEATURES = ("patch_tokens", "cls_tokens", "frame_embeds", "frame_mask", "text_tokens", "text_lengths", "text_embeds")
 
 
@@ -169,7 +167,7 @@ def test_concurrent_shards_complete_one_store(tiny_dataset, tmp_path, extracted)
     cache = tmp_path / "sharded.zarr"
     cmd = [sys.executable, str(ROOT / "cli.py"), "extract", "--dataset", "manifest", "--data-root", str(tiny_dataset),
            "--cache", str(cache), "--batch-videos", "1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     seed = "import torch, sys, runpy; torch.manual_seed(0); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     procs = [subprocess.Popen([sys.executable, "-c", seed, *cmd[1:], "--shard", f"{i}/2"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.errors import UserError
 from reranker.train import TrainConfig, load_checkpoint, load_model, save_checkpoint, train
-from tests.conftest import make_feature_cache
+from tests.conftest import ROOT, make_feature_cache, subprocess_env
 
 
 def _cfg(cache, run, **kw) -> TrainConfig:
@@ -158,17 +158,14 @@ def test_reranker_size_options_reach_the_run_and_bad_ones_are_one_line(cache, tm
 
 
 def test_two_process_gloo_run_takes_the_expected_steps(cache, tmp_path):
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "--",
-           str(root / "cli.py"), "train-reranker", "--cache", str(cache), "--run", str(run), "--epochs", "3",
+           str(ROOT / "cli.py"), "train-reranker", "--cache", str(cache), "--run", str(run), "--epochs", "3",
            "--batch-size", "8", "--checkpoint-every", "4"]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [r for r in _log(run) if "loss" in r]
