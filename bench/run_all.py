@@ -18,6 +18,7 @@ SCRIPTS = {  # name -> extra options of the documented run (docs/benchmarks.md)
     "eval_scaling": [],
     "cache_io": [],
     "memory": [],
+    "train_profile": [],
 }
 
 
