@@ -157,6 +157,27 @@ def test_reranker_size_options_reach_the_run_and_bad_ones_are_one_line(cache, tm
         assert not bad.exists()  # refused before anything is written
 
 
+def test_gradient_averaging_puts_each_mean_back_in_its_own_gradient(tmp_path):
+    import torch.distributed as dist
+
+    from reranker.train import _average_gradients
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), torch.nn.Linear(2, 5))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    model[1].bias.grad = None  # a parameter without a gradient is left out and stays without one
+    before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    # a one-process group: the all-reduce sums one copy, so each gradient must come back divided by world
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        _average_gradients(model, world=4)
+    finally:
+        dist.destroy_process_group()
+    for p, g in zip(model.parameters(), before, strict=True):
+        assert (p.grad is None) if g is None else torch.equal(p.grad, g / 4)
+
+
 def test_two_process_gloo_run_takes_the_expected_steps(cache, tmp_path):
     import subprocess
     import sys
