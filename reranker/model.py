@@ -308,6 +308,12 @@ class EncodedFrames:
     def __getitem__(self, rows) -> "EncodedFrames":
         return EncodedFrames(self.summary[rows], tuple(k[rows] for k in self.keys))
 
+    @staticmethod
+    def cat(parts: list["EncodedFrames"]) -> "EncodedFrames":
+        """The videos of several parts, in order, as one."""
+        return EncodedFrames(torch.cat([p.summary for p in parts]),
+                             tuple(torch.cat(keys) for keys in zip(*(p.keys for p in parts))))
+
 
 class Reranker(nn.Module):
     """Decoupled spatial/temporal cross attention from a caption's query set to a video."""

@@ -68,6 +68,25 @@ def test_json_schema_and_saved_matrices_reproduce_it(trained):
     assert set(where["seconds"]) == {"first_stage", "two_stage"}
 
 
+def test_rerank_pairs_scores_every_pair_whatever_the_blocks(trained):
+    _, cache, run = trained
+    model, _ = load_model(run)
+    feats = SplitFeatures.open(FeatureCache(cache), "test")
+    rng = np.random.default_rng(0)
+    text_pos, video_pos = rng.integers(0, 30, 200), rng.integers(0, 10, 200)
+    cpu = torch.device("cpu")
+    whole = _rerank_pairs(model, feats, text_pos, video_pos, cpu)
+    blocked = _rerank_pairs(model, feats, text_pos, video_pos, cpu, videos_per_block=3, pairs_per_batch=7)
+    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5)
+    r = model.reranker
+    for i in range(0, 200, 25):  # each pair on its own through the reranker's forward
+        t, v = feats.read_texts(text_pos[i:i + 1]), feats.read_videos(video_pos[i:i + 1])
+        with torch.no_grad():
+            alone = r(t["text_tokens"].float(), t["text_lengths"], v["patch_tokens"].float(), v["cls_tokens"].float(),
+                      v["frame_mask"])
+        assert whole[i] == pytest.approx(alone.item(), rel=1e-4, abs=1e-5)
+
+
 @pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16_autocast_as_on_cuda"])
 def test_zero_shot_equals_raw_clip_cosine(trained, monkeypatch, bf16):
     tmp, cache, _ = trained
