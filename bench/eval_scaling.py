@@ -137,7 +137,7 @@ def main() -> None:
                     r.read_frames(queries[ti], qmask[ti], frames[vi])
             with sw(f"match = spatial (attention only) + temporal + head ({len(text_pos)} pairs)"):
                 r.match(queries[ti], qmask[ti], frames[vi], v["frame_mask"][vi])
-            with sw("_rerank_pairs (same batch, as evaluate runs it)"):
+            with sw("_rerank_pairs (the same pairs: one block, one batch)"):
                 _rerank_pairs(model, feats, text_pos, video_pos, device)
             # a candidate change, not what the library does today: bf16 autocast on CPU too
             with sw("candidate: same, CPU bf16 autocast"), torch.autocast("cpu", dtype=torch.bfloat16):

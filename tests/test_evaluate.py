@@ -95,9 +95,6 @@ def test_zero_shot_equals_raw_clip_cosine(trained, monkeypatch, bf16):
             monkeypatch.setattr(f"{module}.autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     results, _ = run_evaluate(EvalConfig(cache=cache, zero_shot=True, out=tmp / "zs.json", save_sims=tmp / "zs"))
     assert "two_stage" not in results
-    from pipeline.cache import FeatureCache
-    from reranker.data import SplitFeatures
-
     feats = SplitFeatures.open(FeatureCache(cache), "test")
     fe = feats.read_frame_embeds(np.arange(feats.n_videos))[0].float()  # stored fp16
     frames = fe.numpy() / np.linalg.norm(fe.numpy(), axis=-1, keepdims=True)
