@@ -391,7 +391,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         bar.set_postfix(loss=f"{loss.item():.3f}", spread=f"{stats['logit_spread']:.3f}", sps=f"{rate:.0f}")
         bar.update(1)
         if step % steps_per_epoch == 0 and rank == 0:
-            results = evaluate_split(model, val, min(cfg.top_k, val.n_videos), device) if val else {}
+            results = evaluate_split(model, val, min(cfg.top_k, val.n_videos), device, v2t=False) if val else {}
             metrics = results.get("two_stage", {}).get("t2v")
             score = metrics["R@1"] if metrics else -loss.item()
             logf.write(json.dumps({"epoch": epoch, "step": step, "val_two_stage_t2v": metrics,

@@ -15,7 +15,7 @@ from pipeline.encoder import default_device
 from pipeline.errors import UserError
 from reranker import metrics as M
 from reranker.data import SplitFeatures
-from reranker.evaluate import EvalConfig, _rerank_pairs, run_evaluate
+from reranker.evaluate import EvalConfig, _rerank_pairs, evaluate_split, run_evaluate
 from reranker.train import TrainConfig, load_model, train
 from tests.conftest import make_feature_cache
 
@@ -66,6 +66,18 @@ def test_json_schema_and_saved_matrices_reproduce_it(trained):
     assert saved["rerank_logit_spread"] > 0
     assert (tmp / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(where["seconds"]) == {"first_stage", "two_stage"}
+
+
+def test_validation_leaves_out_only_the_two_stage_v2t(trained):
+    _, cache, run = trained
+    model, _ = load_model(run)
+    feats = SplitFeatures.open(FeatureCache(cache), "test")
+    both = evaluate_split(model, feats, 4)
+    t2v_only = evaluate_split(model, feats, 4, v2t=False)
+    assert set(t2v_only["two_stage"]) == {"t2v"}
+    assert t2v_only["two_stage"]["t2v"] == both["two_stage"]["t2v"]
+    assert t2v_only["first_stage"] == both["first_stage"]
+    assert t2v_only["rerank_logit_spread"] == both["rerank_logit_spread"]
 
 
 def test_rerank_pairs_scores_every_pair_whatever_the_blocks(trained):
