@@ -3,7 +3,10 @@
     python bench/synthetic_twins.py --data-root data/synthetic --cache cache/synthetic/demo.zarr \
         --run runs/demo [--run runs/cls ...] [--top-k 15]
 
-Prints a table (one row per run and stage) and a final JSON line {run: {stage: {kind: R@1}}}.
+Prints a table (one row per run and stage) of R@1, a table of twin separation (among the captions whose video
+and its twin are both in the caption's top-K: how often the video scores above its twin by the first-stage
+cosine, the reranker's logit alone and the final score), and a final JSON line
+{run: {stage: {kind: R@1}, "twin_separation": {kind: {"pairs": n, score: %}}}}.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cache import FeatureCache  # noqa: E402
 from pipeline.datasets.synthetic import twin_kinds  # noqa: E402
+from pipeline.encoder import default_device  # noqa: E402
+from pipeline.synthetic import read_scenes  # noqa: E402
 from reranker import metrics as M  # noqa: E402
 from reranker.data import SplitFeatures  # noqa: E402
-from reranker.evaluate import EvalConfig, run_evaluate  # noqa: E402
+from reranker.evaluate import EvalConfig, rerank, run_evaluate  # noqa: E402
+from reranker.train import load_model  # noqa: E402
 
 KINDS = ("colour", "direction", "order", "position", None)
 
@@ -38,6 +44,26 @@ def per_kind_r1(sims: np.ndarray, truth: np.ndarray, kind_of_video: np.ndarray) 
     return out
 
 
+def twin_separation(first: np.ndarray, candidates: np.ndarray, scores: dict[str, np.ndarray], truth: np.ndarray,
+                    twin_of: np.ndarray, kind_of_video: np.ndarray) -> dict[str, dict]:
+    """Per twin kind, among the captions whose video and its twin (twin_of: split position or -1) are both among
+    the caption's candidates [texts, K]: the number of such captions and the % whose video scores above the twin,
+    by the first-stage cosine and by each of `scores` (name -> [texts, K], aligned with candidates)."""
+    video, twin = truth, twin_of[truth]
+    at_video, at_twin = candidates == video[:, None], candidates == twin[:, None]
+    both = at_video.any(1) & at_twin.any(1) & (twin >= 0)
+    jv, jt = at_video.argmax(1), at_twin.argmax(1)
+    rows = np.arange(len(truth))
+    above = {"first_stage": first[rows, video] > first[rows, np.maximum(twin, 0)]}
+    above |= {name: s[rows, jv] > s[rows, jt] for name, s in scores.items()}
+    out = {}
+    for kind in KINDS[:-1]:
+        sel = both & (kind_of_video[truth] == kind)
+        if sel.any():
+            out[kind] = {"pairs": int(sel.sum()), **{name: 100.0 * float(a[sel].mean()) for name, a in above.items()}}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, required=True)
@@ -49,8 +75,12 @@ def main() -> None:
 
     feats = SplitFeatures.open(FeatureCache(args.cache), args.split)
     kinds = twin_kinds(args.data_root)
+    twins = {Path(row["video"]).as_posix(): Path(row["twin_of"]).as_posix()
+             for row in read_scenes(args.data_root) if row.get("twin_of")}
     ids = FeatureCache(args.cache).video_ids()[feats.videos]
     kind_of_video = np.array([str(kinds.get(i)) for i in ids], dtype=object)
+    position = {v: i for i, v in enumerate(ids)}
+    twin_of = np.array([position.get(twins.get(i), -1) for i in ids])  # split position of each video's twin, or -1
     table: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run in args.run:
@@ -60,12 +90,23 @@ def main() -> None:
             truth = np.load(out / "text_to_video.npy")
             table[str(run)] = {stage: per_kind_r1(np.load(out / f"{stage}_sims.npy"), truth, kind_of_video)
                                for stage in ("first_stage", "two_stage")}
+            first = np.load(out / "first_stage_sims.npy")
+            candidates, final, logits = rerank(load_model(run)[0], feats, first, args.top_k, default_device())
+            table[str(run)]["twin_separation"] = twin_separation(
+                first, candidates, {"reranker": logits, "final": final}, truth, twin_of, kind_of_video)
     columns = ["all", "colour", "direction", "order", "position", "no twin"]
     print(f"| run | stage | {' | '.join(columns)} |")
     print("|---|---|" + "---|" * len(columns))
     for run, stages in table.items():
-        for stage, r1 in stages.items():
+        for stage in ("first_stage", "two_stage"):
+            r1 = stages[stage]
             print(f"| {run} | {stage} | " + " | ".join(f"{r1.get(c, float('nan')):.1f}" for c in columns) + " |")
+    print("\nVideo above its twin, % of the captions whose top-K holds both:")
+    print("| run | twin kind | captions | first stage | reranker alone | final |")
+    print("|---|---|---|---|---|---|")
+    for run, stages in table.items():
+        for kind, sep in stages["twin_separation"].items():
+            print(f"| {run} | {kind} | {sep['pairs']} | {sep['first_stage']:.1f} | {sep['reranker']:.1f} | {sep['final']:.1f} |")
     print(json.dumps(table))
 
 

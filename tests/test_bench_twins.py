@@ -1,0 +1,41 @@
+"""bench/synthetic_twins.py's twin separation, against a plain loop over the captions."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+from synthetic_twins import twin_separation  # noqa: E402
+
+
+def test_twin_separation_counts_only_captions_whose_candidates_hold_both():
+    rng = np.random.default_rng(0)
+    n_videos, k = 12, 4
+    truth = np.repeat(np.arange(n_videos), 3)  # 36 captions
+    twin_of = np.array([1, 0, 3, 2, 5, 4, 7, 6, -1, -1, 11, 10])
+    kind_of_video = np.array(["colour"] * 4 + ["order"] * 4 + ["None"] * 2 + ["position"] * 2, dtype=object)
+    first = rng.normal(size=(len(truth), n_videos))
+    first[np.arange(len(truth)), truth] += 1.0  # most captions find their video
+    candidates = np.argsort(-first, axis=1)[:, :k]
+    logits, final = rng.normal(size=candidates.shape), rng.normal(size=candidates.shape)
+    got = twin_separation(first, candidates, {"reranker": logits, "final": final}, truth, twin_of, kind_of_video)
+
+    expected: dict[str, dict] = {}
+    for i, v in enumerate(truth):
+        t, row = twin_of[v], list(candidates[i])
+        if t < 0 or v not in row or t not in row:
+            continue
+        e = expected.setdefault(kind_of_video[v], {"pairs": 0, "first_stage": 0, "reranker": 0, "final": 0})
+        e["pairs"] += 1
+        e["first_stage"] += first[i, v] > first[i, t]
+        e["reranker"] += logits[i, row.index(v)] > logits[i, row.index(t)]
+        e["final"] += final[i, row.index(v)] > final[i, row.index(t)]
+    assert set(got) == set(expected) and "None" not in got
+    for kind, e in expected.items():
+        assert got[kind]["pairs"] == e["pairs"] > 0
+        for name in ("first_stage", "reranker", "final"):
+            assert got[kind][name] == 100.0 * e[name] / e["pairs"]
