@@ -5,9 +5,9 @@ Everything here works on the frozen CLIP outputs stored in the cache, never on p
 - FirstStage: projections of frame and caption embeddings, temporal pooling ('mean' = CLIP4Clip
   meanP, 'transformer' = CLIP4Clip seqTransf), cosine similarity and the symmetric InfoNCE loss.
   At initialisation it IS zero-shot CLIP retrieval (identity projections, zero residual branch).
-- Reranker: the query set (the caption's text tokens plus a few learnable queries) first attends
-  to the patch tokens of each frame separately (spatial cross attention -> one token per frame:
-  what the queries read there), then across time (temporal cross attention) to those readings
+- Reranker: the query set (the caption's text tokens, each mixed with its neighbours, plus a few
+  learnable queries) first attends to the patch tokens of each frame separately (spatial cross
+  attention -> one token per frame: what the queries read there), then across time (temporal cross attention) to those readings
   and to a caption-independent summary of each frame; one logit per (caption, video) pair is
   a matching head on the pooled query set plus an alignment term (each query against what it
   read from the video), which gives the interaction a first-order gradient from the first step.
@@ -188,14 +188,14 @@ class CrossBlock(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
-    """Linears N(0, 1/fan_in) with zero bias, so every activation starts at unit scale.
+    """Linears and convolutions N(0, 1/fan_in) with zero bias, so every activation starts at unit scale.
 
     nanoGPT's N(0, 0.02) left attention uniform and the video-dependent part of the residual
     stream tiny next to what AdamW's first steps add: the reranker sat at loss ln 2.
     """
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=m.in_features**-0.5)
+        if isinstance(m, (nn.Linear, nn.Conv1d)):
+            nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)  # fan_in: in_features (x kernel size)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
@@ -328,6 +328,8 @@ class Reranker(nn.Module):
         self.text_ln = nn.LayerNorm(config.text_width)
         self.text_proj = nn.Linear(config.text_width, D)
         self.queries = nn.Parameter(torch.zeros(config.n_queries, D))
+        # each text token mixed with its two neighbours (see encode_queries)
+        self.text_mix = nn.Conv1d(D, D, kernel_size=3, padding=1)
 
         # spatial stage: frame -> one frame token
         pooled = config.patches // config.patch_pool**2  # patches per frame after pooling
@@ -383,12 +385,18 @@ class Reranker(nn.Module):
     def encode_queries(self, text_tokens: torch.Tensor, text_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text tokens [B, L, Wt], lengths [B] -> query set [B, Q+L', D] and its mask [B, Q+L'].
 
-        L' = the longest caption in the batch: the padding past it would only cost compute.
+        L' = the longest caption in the batch: the padding past it would only cost compute. Each projected text
+        token gets a residual mix of itself and its two neighbours (a width-3 convolution; padding is zeroed
+        first, so it never leaks in): "blue" and "triangle" side by side become one phrase before any attention,
+        which early text tokens (word and position embeddings only) do not do on their own (measured on the
+        synthetic set: t2v R@1 +1.7, +1.0, +1.5 on seeds 0, 1, 7; docs/benchmarks.md).
         """
         B = text_tokens.shape[0]
         L = int(text_lengths.max().clamp(min=1, max=text_tokens.shape[1]))
         text = self.text_proj(self.text_ln(text_tokens[:, :L]))  # [B, L', D]
         text_mask = torch.arange(L, device=text_tokens.device)[None, :] < text_lengths[:, None]  # [B, L']
+        text = torch.where(text_mask[..., None], text, torch.zeros((), dtype=text.dtype, device=text.device))
+        text = text + self.text_mix(F.gelu(text).transpose(1, 2)).transpose(1, 2)  # [B, L', D]
         learned = self.queries.to(text.dtype).expand(B, -1, -1)  # [B, Q, D]
         queries = torch.cat([learned, text], dim=1)  # [B, Q+L', D]
         mask = torch.cat([torch.ones(B, learned.shape[1], dtype=torch.bool, device=text_mask.device), text_mask], dim=1)

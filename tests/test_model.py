@@ -197,6 +197,24 @@ def test_padding_does_not_change_the_logit(spatial):
     torch.testing.assert_close(model(**z), before, atol=1e-5, rtol=1e-5)
 
 
+def test_text_tokens_are_mixed_with_their_neighbours_only():
+    torch.manual_seed(0)
+    model = Reranker(small_config()).eval()
+    x = {"text_tokens": torch.randn(1, L, WT), "text_lengths": torch.tensor([L])}
+    Q = model.config.n_queries
+    before = model.encode_queries(x["text_tokens"], x["text_lengths"])[0][0, Q:]  # [L, D]
+    changed = x["text_tokens"].clone()
+    changed[0, 4] = torch.randn(WT)  # token 4: it and its neighbours 3 and 5 move, nothing else
+    after = model.encode_queries(changed, x["text_lengths"])[0][0, Q:]
+    moved = (after - before).norm(dim=-1) > 1e-6
+    assert moved.tolist() == [i in (3, 4, 5) for i in range(L)]
+    # padding past the caption never reaches its last token
+    x["text_lengths"] = torch.tensor([5])
+    short = model.encode_queries(x["text_tokens"], x["text_lengths"])[0][0, Q:]
+    padded = x["text_tokens"].index_fill(1, torch.tensor([5, 6, 7]), 9.0)
+    torch.testing.assert_close(model.encode_queries(padded, x["text_lengths"])[0][0, Q:Q + 5], short[:5])
+
+
 def test_frame_order_is_visible_at_init():
     # the lesson of std-1 temporal positions: a video and its time-reversed twin must differ
     torch.manual_seed(0)
