@@ -7,10 +7,11 @@ Everything here works on the frozen CLIP outputs stored in the cache, never on p
   At initialisation it IS zero-shot CLIP retrieval (identity projections, zero residual branch).
 - Reranker: the query set (the caption's text tokens, each mixed with its neighbours, plus a few
   learnable queries) first attends to the patch tokens of each frame separately (spatial cross
-  attention -> one token per frame: what the queries read there), then across time (temporal cross attention) to those readings
-  and to a caption-independent summary of each frame; one logit per (caption, video) pair is
-  a matching head on the pooled query set plus an alignment term (each query against what it
-  read from the video), which gives the interaction a first-order gradient from the first step.
+  attention -> one token per frame: what the queries read there), then across time (temporal
+  cross attention) to those readings and to a caption-independent summary of each frame; one
+  logit per (caption, video) pair is a matching head on the pooled query set plus an alignment
+  term (each query against what it read from the video), which gives the interaction a
+  first-order gradient from the first step.
 - CrossTVR: both, built from one ModelConfig, with the final score and the matching loss.
 
 Shape letters: B pairs or videos, N captions, T frame slots, P patches per frame (no CLS),
