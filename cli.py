@@ -193,7 +193,9 @@ def make_synthetic_cmd(out, videos, seed, size, seconds, clutter) -> None:
 @click.option("--temporal", type=click.Choice(["mean", "transformer"]), default="mean", show_default=True)
 @click.option("--spatial", type=click.Choice(["attention", "cls", "flat"]), default="flat", show_default=True,
               help="Frame tokens: flat (default, measured best), attention (the paper's spatial cross attention), cls.")
-@click.option("--share-attention/--no-share-attention", default=False, show_default=True)
+@click.option("--share-attention/--no-share-attention", default=False, show_default=True,
+              help="One set of cross-attention blocks for the spatial and temporal stages (--spatial attention): "
+                   "28% fewer reranker parameters, R@1 within noise of unshared (docs/benchmarks.md).")
 @click.option("--dim", default=128, show_default=True, help="Reranker width D (divisible by --heads).")
 @click.option("--queries", default=4, show_default=True, help="Learnable queries beside the caption's tokens.")
 @click.option("--heads", default=4, show_default=True, help="Attention heads of the reranker.")
