@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from pipeline.encoder import default_device  # noqa: E402
 from pipeline.synthetic import read_scenes  # noqa: E402
 from reranker import metrics as M  # noqa: E402
 from reranker.data import SplitFeatures  # noqa: E402
-from reranker.evaluate import EvalConfig, rerank, run_evaluate  # noqa: E402
+from reranker.evaluate import check_compatible, first_stage_sims, rerank  # noqa: E402
 from reranker.train import load_model  # noqa: E402
 
 KINDS = ("colour", "direction", "order", "position", None)
@@ -73,27 +72,29 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=15)
     args = parser.parse_args()
 
-    feats = SplitFeatures.open(FeatureCache(args.cache), args.split)
+    cache = FeatureCache(args.cache)
+    feats = SplitFeatures.open(cache, args.split)
     kinds = twin_kinds(args.data_root)
     twins = {Path(row["video"]).as_posix(): Path(row["twin_of"]).as_posix()
              for row in read_scenes(args.data_root) if row.get("twin_of")}
-    ids = FeatureCache(args.cache).video_ids()[feats.videos]
+    ids = cache.video_ids()[feats.videos]
     kind_of_video = np.array([str(kinds.get(i)) for i in ids], dtype=object)
     position = {v: i for i, v in enumerate(ids)}
     twin_of = np.array([position.get(twins.get(i), -1) for i in ids])  # split position of each video's twin, or -1
+    truth, device = feats.text_video, default_device()
     table: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for run in args.run:
-            out = Path(tmp) / run.name
-            run_evaluate(EvalConfig(cache=args.cache, run=run, split=args.split, top_k=args.top_k,
-                                    out=out / "m.json", save_sims=out))
-            truth = np.load(out / "text_to_video.npy")
-            table[str(run)] = {stage: per_kind_r1(np.load(out / f"{stage}_sims.npy"), truth, kind_of_video)
-                               for stage in ("first_stage", "two_stage")}
-            first = np.load(out / "first_stage_sims.npy")
-            candidates, final, logits = rerank(load_model(run)[0], feats, first, args.top_k, default_device())
-            table[str(run)]["twin_separation"] = twin_separation(
-                first, candidates, {"reranker": logits, "final": final}, truth, twin_of, kind_of_video)
+    for run in args.run:
+        # evaluate's text-to-video pass, once: its candidates, final scores and logits feed both tables
+        model, state = load_model(run)
+        check_compatible(state["cache_signature"], cache, run)
+        first = first_stage_sims(model.to(device), feats, device)
+        candidates, final, logits = rerank(model, feats, first, args.top_k, device)
+        table[str(run)] = {
+            "first_stage": per_kind_r1(first, truth, kind_of_video),
+            "two_stage": per_kind_r1(M.two_stage_scores(first, candidates, final), truth, kind_of_video),
+            "twin_separation": twin_separation(first, candidates, {"reranker": logits, "final": final}, truth,
+                                               twin_of, kind_of_video),
+        }
     columns = ["all", "colour", "direction", "order", "position", "no twin"]
     print(f"| run | stage | {' | '.join(columns)} |")
     print("|---|---|" + "---|" * len(columns))
