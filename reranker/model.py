@@ -396,7 +396,7 @@ class Reranker(nn.Module):
         L = int(text_lengths.max().clamp(min=1, max=text_tokens.shape[1]))
         text = self.text_proj(self.text_ln(text_tokens[:, :L]))  # [B, L', D]
         text_mask = torch.arange(L, device=text_tokens.device)[None, :] < text_lengths[:, None]  # [B, L']
-        text = torch.where(text_mask[..., None], text, torch.zeros((), dtype=text.dtype, device=text.device))
+        text = text.masked_fill(~text_mask[..., None], 0.0)
         text = text + self.text_mix(F.gelu(text).transpose(1, 2)).transpose(1, 2)  # [B, L', D]
         learned = self.queries.to(text.dtype).expand(B, -1, -1)  # [B, Q, D]
         queries = torch.cat([learned, text], dim=1)  # [B, Q+L', D]
