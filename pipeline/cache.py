@@ -4,6 +4,7 @@ Layout of one group (one per dataset and model), V videos, N captions:
 
     video_ids [V] str, video_paths [V] str, video_split [V] str
     video_status [V] int8 (0 pending, 1 done, 2 failed), video_error [V] str   one chunk per video
+    video_source [V] str             "size mtime_ns sha256" of the file a done video's features came from
     patch_tokens [V, T, P, W] f16    per-frame patch tokens of the chosen ViT block (no class token)
     cls_tokens   [V, T, W] f16       the class token of that block
     frame_embeds [V, T, E] f16       per-frame embeddings in the joint space (encode_image)
@@ -40,6 +41,7 @@ from zarr.storage import LocalStore
 
 from pipeline import __version__
 from pipeline.errors import UserError
+from pipeline.files import file_sha256
 from pipeline.records import VideoRecord
 
 SCHEMA_VERSION = 1
@@ -96,6 +98,12 @@ class CacheSpec:
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
+def video_source(path: Path) -> str:
+    """What identifies the bytes of a video file: "size mtime_ns sha256" (see FeatureCache.changed_videos)."""
+    stat = path.stat()
+    return f"{stat.st_size} {stat.st_mtime_ns} {file_sha256(path)}"
 
 
 def records_fingerprint(records: list[VideoRecord]) -> str:
@@ -181,6 +189,7 @@ def _create_arrays(group: zarr.Group, spec: CacheSpec, records: list[VideoRecord
     strings("video_split", [r.split for r in records])
     array("video_status", (V,), (1,), "int8", compress=False)
     strings("video_error", [""] * V, chunks=1)
+    strings("video_source", [""] * V, chunks=1)
     array("patch_tokens", (V, T, P, W), (1, T, P, W), "float16")
     array("cls_tokens", (V, T, W), (1, T, W), "float16")
     array("frame_embeds", (V, T, E), (1, T, E), "float16")
@@ -312,15 +321,45 @@ class FeatureCache:
         return [{"video": str(ids[i]), "reason": reason(i)} for i in failed]
 
     # -- writing --------------------------------------------------------------------------------
-    def write_video(self, i: int, patch: np.ndarray, cls_tok: np.ndarray, emb: np.ndarray, mask: np.ndarray) -> None:
-        """Store one video's features, then mark it done (data first: a kill leaves it pending)."""
+    def write_video(self, i: int, patch: np.ndarray, cls_tok: np.ndarray, emb: np.ndarray, mask: np.ndarray,
+                    source: str = "") -> None:
+        """Store one video's features and the file they came from (video_source; "" for none), then mark it done
+        (data first: a kill leaves it pending)."""
         g = self.group
         g["patch_tokens"][i] = patch.astype(np.float16)
         g["cls_tokens"][i] = cls_tok.astype(np.float16)
         g["frame_embeds"][i] = emb.astype(np.float16)
         g["frame_mask"][i] = mask
         g["video_error"][i] = ""
+        if "video_source" in self._arrays:
+            g["video_source"][i] = source
         g["video_status"][i] = DONE
+
+    def changed_videos(self, videos: list[int], paths: list[Path]) -> list[int]:
+        """Those of these done videos whose file no longer holds the bytes their features came from.
+
+        A file with the recorded size and modification time is taken as unchanged without reading it; one that
+        differs there (copied, touched) is hashed, and only other content counts as changed (its source record
+        is brought up to date otherwise). A file now missing keeps its features. Caches made before source
+        records were kept have none to compare: nothing counts as changed there.
+        """
+        if "video_source" not in self._arrays:
+            return []
+        sources, status = self._arrays["video_source"], self.video_status()
+        changed = []
+        for i, path in zip(videos, paths):
+            if status[i] != DONE or not path.is_file():
+                continue
+            recorded = str(sources[i]).split()
+            stat = path.stat()
+            if len(recorded) != 3 or recorded[:2] == [str(stat.st_size), str(stat.st_mtime_ns)]:
+                continue
+            now = video_source(path)
+            if now.split()[2] == recorded[2]:
+                sources[i] = now
+            else:
+                changed.append(i)
+        return changed
 
     def write_failure(self, i: int, reason: str) -> None:
         """Record why a video could not be decoded."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import DEFAULT_COMPRESSION, DONE, CacheSpec, FeatureCache
+from pipeline.cache import DEFAULT_COMPRESSION, DONE, CacheSpec, FeatureCache, video_source
 from pipeline.datasets import default_data_root, load_records
 from pipeline.decode import DecodedVideo, DecodeError, decode_video
 from pipeline.encoder import DEFAULT_MODEL, FrozenEncoder
@@ -76,11 +76,16 @@ class ExtractSummary:
     repaired: list[dict] = field(default_factory=list)  # what --repair found damaged and redid
 
 
-def _decode(path: Path, frames: int, size: int) -> DecodedVideo | str:
+def _decode(path: Path, frames: int, size: int) -> tuple[str, DecodedVideo | str]:
+    """(the file's source record, taken before decoding it; its frames, or why it could not be decoded)."""
     try:
-        return decode_video(path, frames, size)
+        source = video_source(path)
+    except OSError:
+        source = ""  # missing or unreadable: decode_video says which
+    try:
+        return source, decode_video(path, frames, size)
     except DecodeError as e:
-        return str(e)
+        return source, str(e)
 
 
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
@@ -157,8 +162,13 @@ def _encode_captions(cache: FeatureCache, encoder: FrozenEncoder, captions: list
 
 def _encode_videos(cache: FeatureCache, encoder: FrozenEncoder, records, cfg: ExtractConfig, shard: int,
                    shards: int) -> None:
-    status = cache.video_status()
     mine = list(range(shard, len(records), shards))
+    changed = cache.changed_videos(mine, [records[v].path for v in mine])
+    if changed:
+        log.warning("%s: %d finished video(s) changed on disk since their extraction (first: %s); extracting them again",
+                    cache.path, len(changed), records[changed[0]].path)
+        cache.mark_pending([{"video": records[v].video_id, "index": v} for v in changed])
+    status = cache.video_status()
     # Fixed blocks of this shard's videos are encoded together, whatever is already done, so a resumed run
     # batches exactly as an uninterrupted one and produces bit-identical features.
     blocks = [mine[k: k + cfg.batch_videos] for k in range(0, len(mine), cfg.batch_videos)]
@@ -181,11 +191,11 @@ def _encode_videos(cache: FeatureCache, encoder: FrozenEncoder, records, cfg: Ex
         while ahead:
             block, futures = ahead.popleft()
             submit_next()
-            decoded = [f.result() for f in futures]
+            sources, decoded = zip(*(f.result() for f in futures))
             features = _encode_block(encoder, decoded)
             if pending_write is not None:
                 pending_write.result()  # surfaces a write error (disk full) before more work piles up
-            pending_write = writer.submit(_write_block, cache, block, decoded, features, status)
+            pending_write = writer.submit(_write_block, cache, block, sources, decoded, features, status)
             bar.update(sum(int(status[v] != DONE) for v in block))
         if pending_write is not None:
             pending_write.result()
@@ -214,11 +224,11 @@ def _encode_block(encoder: FrozenEncoder, decoded: list[DecodedVideo | str]) -> 
     return out
 
 
-def _write_block(cache: FeatureCache, block: list[int], decoded, features, status: np.ndarray) -> None:
-    for v, d, feats in zip(block, decoded, features):
+def _write_block(cache: FeatureCache, block: list[int], sources, decoded, features, status: np.ndarray) -> None:
+    for v, source, d, feats in zip(block, sources, decoded, features):
         if status[v] == DONE:
             continue
         if feats is None:
             cache.write_failure(v, d)
         else:
-            cache.write_video(v, *feats, d.mask)
+            cache.write_video(v, *feats, d.mask, source=source)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -102,17 +103,39 @@ def test_rerun_is_idempotent_and_skips_finished_work(extracted, tiny_dataset):
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
+def test_videos_changed_on_disk_are_extracted_again(extracted, tiny_dataset, caplog):
+    summary, cache = extracted
+    ids = cache.video_ids().tolist()
+    replaced, touched = ids.index("videos/clip1.mp4"), ids.index("videos/clip2.mp4")
+    before = _arrays(summary.cache)
+    old_source = str(cache["video_source"][touched])
+    (tiny_dataset / ids[replaced]).write_bytes((tiny_dataset / ids[0]).read_bytes())  # re-encoded: other bytes
+    os.utime(tiny_dataset / ids[touched], ns=(1, 1))  # copied without its times: the same bytes
+    torch.manual_seed(0)
+    run_extract(_cfg(tiny_dataset, summary.cache))
+    after = _arrays(summary.cache)
+    assert "1 finished video(s) changed on disk" in caplog.text and "clip1.mp4" in caplog.text
+    # the replaced video now holds the features of its new bytes, those of clip0; nothing else moved
+    np.testing.assert_allclose(after["frame_embeds"][replaced], after["frame_embeds"][0], atol=2e-3)
+    assert not np.allclose(before["frame_embeds"][replaced], after["frame_embeds"][replaced], atol=2e-3)
+    others = [i for i in range(len(ids)) if i != replaced]
+    assert all(np.array_equal(before[k][others], after[k][others]) for k in before if k.startswith(("patch", "frame")))
+    # the touched one was hashed, found the same and kept; its record now carries the new time
+    assert str(FeatureCache(summary.cache)["video_source"][touched]).split() == [old_source.split()[0], "1",
+                                                                                   old_source.split()[2]]
+
+
 def test_crash_then_resume_equals_uninterrupted_run(extracted, tiny_dataset, tmp_path, monkeypatch):
     summary, _ = extracted
     reference = _arrays(summary.cache)
     original = FeatureCache.write_video
     calls = {"n": 0}
 
-    def crash_after_three(self, *args):
+    def crash_after_three(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 3:
             raise KeyboardInterrupt  # a run stopped half-way through a block
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(FeatureCache, "write_video", crash_after_three)
     torch.manual_seed(0)

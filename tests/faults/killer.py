@@ -91,8 +91,8 @@ def install(fault: str) -> dict:
         name = "write_video" if kind == "video" else "write_text_chunk"
         original = getattr(FeatureCache, name)
 
-        def then_die(self, *args):
-            original(self, *args)
+        def then_die(self, *args, **kwargs):
+            original(self, *args, **kwargs)
             if tick() == k:
                 _die()
 
