@@ -250,7 +250,13 @@ class FeatureCache:
             for stale in path.parent.glob(f".{path.name}.*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while creating
             if path.exists() and overwrite:
-                shutil.rmtree(path)
+                if not (path / "zarr.json").is_file() and (not path.is_dir() or any(path.iterdir())):
+                    raise UserError(f"{path}: not a feature cache, so --overwrite will not delete it; "
+                                    "pass another --cache folder")
+                # renamed first: a run killed while deleting leaves a stale temp folder (removed above), not half a cache
+                old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+                os.rename(path, old)
+                shutil.rmtree(old)
             if not path.exists():
                 tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
                 group = zarr.open_group(DurableStore(tmp), mode="w", zarr_format=3)

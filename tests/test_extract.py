@@ -179,6 +179,20 @@ def test_cache_of_other_settings_is_refused_then_overwritten(extracted, tiny_dat
     assert FeatureCache(summary.cache)["frame_mask"].shape == (5, 8)
 
 
+def test_overwrite_deletes_only_a_feature_cache(tiny_dataset, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("a week of work")
+    with pytest.raises(UserError, match=r"precious: not a feature cache, so --overwrite will not delete it"):
+        run_extract(_cfg(tiny_dataset, precious, overwrite=True))
+    assert (precious / "notes.txt").read_text() == "a week of work"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    torch.manual_seed(0)
+    assert run_extract(_cfg(tiny_dataset, empty, overwrite=True)).videos_done == 5  # an empty folder is fine
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_cache_of_another_text_layer_is_refused(extracted, tiny_dataset):
     summary, cache = extracted
     assert cache.attrs["text_layer"] == 0  # the shipped tiny model's default
