@@ -1,8 +1,9 @@
-"""Small file helpers shared by the encoder and the cache."""
+"""Small file helpers shared by the encoder, the cache, the data generator and the trainer."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 
@@ -14,3 +15,10 @@ def file_sha256(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file whole or not at all: a temp file beside it, then a rename over it."""
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -125,11 +125,13 @@ class SplitFeatures:
         text_video_all = cache.text_video()
         chunks_done = cache.text_chunk_status() == DONE
         pending = int((status == PENDING).sum())
-        texts_pending = not chunks_done.all()
+        split_texts = np.flatnonzero(np.isin(text_video_all, in_split))
+        texts_pending = not chunks_done[split_texts // cache.text_chunk].all()
         if (pending or texts_pending) and not allow_partial:
             raise UserError(
                 f"{cache.path}: extraction unfinished ({pending} videos of split '{split}' pending"
-                f"{', captions pending' if texts_pending else ''}); finish `extract` or pass --allow-partial"
+                f"{', captions pending' if texts_pending else ''}); finish `extract` "
+                "(train-reranker can start on what is done with --allow-partial)"
             )
         videos = in_split[status == DONE]
         position = np.full(cache.n_videos, -1, dtype=np.int64)
@@ -148,6 +150,11 @@ class SplitFeatures:
         for t, v in enumerate(self.text_video):
             captions_of[v].append(t)
         return captions_of
+
+    @functools.cached_property
+    def has_captions(self) -> np.ndarray:
+        """[videos] bool: the video has a caption here (not so while its captions are still being extracted)."""
+        return np.bincount(self.text_video, minlength=self.n_videos) > 0
 
     @property
     def n_videos(self) -> int:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from pipeline.cache import FeatureCache
 from pipeline.encoder import autocast, default_device
 from pipeline.errors import UserError
+from pipeline.files import write_text_atomic
 from reranker.data import RERANKER_TEXT_ARRAYS, SplitFeatures, to_device
 from reranker.model import CrossTVR, ModelConfig
 
@@ -142,6 +143,11 @@ def negatives_per_anchor(cfg: TrainConfig) -> int:
     return cfg.hard_negatives + cfg.neighbour_negatives
 
 
+def anchors_per_step(cfg: TrainConfig) -> int:
+    """Captions (one per video) a step starts from; each brings its negatives into a group of 1 + N."""
+    return max(2, cfg.batch_size // (1 + negatives_per_anchor(cfg)))
+
+
 def _any_caption(feats: SplitFeatures, video: int, rng: np.random.Generator) -> int:
     """One of the video's captions, drawn uniformly."""
     captions = feats.captions_of[video]
@@ -151,13 +157,12 @@ def _any_caption(feats: SplitFeatures, video: int, rng: np.random.Generator) -> 
 def _epoch_plan(feats: SplitFeatures, cfg: TrainConfig, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Steps of anchors: (video positions, one caption position per video), shuffled from (seed, epoch).
 
-    Each anchor later brings its negatives into a group, so a step holds batch_size // (1 + N) anchors.
+    Each anchor later brings its negatives into a group (anchors_per_step).
     """
     rng = np.random.default_rng([cfg.seed, epoch])
-    captions_of = feats.captions_of
     order = rng.permutation(feats.n_videos)
-    usable = order[[len(captions_of[v]) > 0 for v in order]]
-    anchors = max(2, cfg.batch_size // (1 + negatives_per_anchor(cfg)))
+    usable = order[feats.has_captions[order]]
+    anchors = anchors_per_step(cfg)
     steps = max(1, len(usable) // anchors)
     plan = []
     for s in range(steps):
@@ -192,6 +197,7 @@ def _mine_groups(model, feats, bank, caps, vids, cfg, device, rng) -> tuple[np.n
     anchors = torch.arange(len(vids))
     taken = torch.zeros(len(vids), bank.shape[0], dtype=torch.bool)
     taken[anchors, torch.from_numpy(vids)] = True
+    taken[:, torch.from_numpy(~feats.has_captions)] = True  # a negative brings one of its captions (--allow-partial)
     negs = []
     if cfg.neighbour_negatives:
         near = bank[torch.from_numpy(vids)] @ bank.T  # [A, V]
@@ -278,6 +284,21 @@ def _average_gradients(model: torch.nn.Module, world: int) -> None:
         g.copy_(mean.view_as(g))
 
 
+def _drop_log_after(path: Path, step: int) -> None:
+    """Keep the log lines of steps up to `step`, the checkpoint a resume starts from: the steps after it run
+    again and are logged again (a line cut short by the kill goes too)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    write_text_atomic(path, "".join(kept))
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) a run; returns the run folder holding config.json, log.jsonl, last.pt and best.pt.
 
@@ -293,22 +314,25 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             raise UserError(f"{run}: nothing to resume (no config.json); start it without --resume")
         saved = json.loads((run / "config.json").read_text())
         cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
-    elif (run / "last.pt").exists():
+    elif (run / "last.pt").exists() or (run / "last.prev.pt").exists():
         raise UserError(f"{run}: a run is already there; pass --resume to continue it or another --run")
     cache = FeatureCache(Path(cfg.cache))
     feats = SplitFeatures.open(cache, cfg.split, cfg.allow_partial)
     val = None
     if cfg.val_split and cfg.val_split in set(cache.video_split().tolist()):
         val = SplitFeatures.open(cache, cfg.val_split, cfg.allow_partial)
+    videos = int(feats.has_captions.sum())  # with captions: those a step can use
+    if videos < 2:
+        raise UserError(f"{cache.path}: split '{cfg.split}' has {videos} video(s) with captions; training needs at least 2")
     n_neg = negatives_per_anchor(cfg)
-    if min(cfg.hard_negatives, cfg.neighbour_negatives) < 0 or not 1 <= n_neg < feats.n_videos:
+    if min(cfg.hard_negatives, cfg.neighbour_negatives) < 0 or not 1 <= n_neg < videos:
         raise UserError(f"--hard-negatives {cfg.hard_negatives} + --neighbour-negatives {cfg.neighbour_negatives}: "
-                        f"need 1 <= the sum < {feats.n_videos} videos of '{cfg.split}', neither negative")
-    if feats.n_videos < 2 or feats.n_videos < min(cfg.batch_size, 2):
-        raise UserError(f"{cache.path}: split '{cfg.split}' has {feats.n_videos} video(s); training needs at least 2")
-    cfg.batch_size = min(cfg.batch_size, feats.n_videos)
-    if cfg.batch_size < world:
-        raise UserError(f"--batch-size {cfg.batch_size} is smaller than the {world} torchrun processes")
+                        f"need 1 <= the sum < {videos} videos of '{cfg.split}', neither negative")
+    cfg.batch_size = min(cfg.batch_size, videos)
+    if anchors_per_step(cfg) < 2 * world:  # each process's InfoNCE needs two of its own
+        raise UserError(f"--batch-size {cfg.batch_size} starts a step from {anchors_per_step(cfg)} captions ({n_neg} "
+                        f"negatives each), fewer than 2 for each of the {world} torchrun processes; pass --batch-size "
+                        f"{2 * world * (1 + n_neg)} or more")
 
     torch.manual_seed(cfg.seed)
     model = CrossTVR(model_config_for(cache, cfg)).to(device)
@@ -318,7 +342,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     ], weight_decay=cfg.weight_decay)
     steps_per_epoch = len(_epoch_plan(feats, cfg, 0))
     total = cfg.epochs * steps_per_epoch
-    step, best = 0, -1.0
+    step, best = 0, -math.inf
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -328,8 +352,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         torch.set_rng_state(state["torch_rng"])
         step, best = state["step"], state["best"]
         log.info("resuming %s at step %d of %d", run, step, total)
+        if rank == 0:
+            _drop_log_after(run / "log.jsonl", step)
     elif rank == 0:
-        (run / "config.json").write_text(json.dumps({**asdict(cfg), "run": str(run), "model": asdict(model.config)}, indent=2))
+        write_text_atomic(run / "config.json",
+                          json.dumps({**asdict(cfg), "run": str(run), "model": asdict(model.config)}, indent=2))
     log.info("training on %d videos / %d captions of '%s', %d steps, device %s, params %s", feats.n_videos,
              feats.n_texts, cfg.split, total, device, model.num_params())
 
@@ -340,7 +367,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                                      "best": best, "torch_rng": torch.get_rng_state(),
                                      "model_config": asdict(model.config), "cache_signature": cache_signature(cache)})
 
-    logf = open(run / "log.jsonl", "a") if rank == 0 else open(os.devnull, "w")
+    logf = open(run / "log.jsonl", "a" if resume else "w") if rank == 0 else open(os.devnull, "w")
     plans: dict[int, list] = {}
 
     def plan_of(g: int) -> tuple[np.ndarray, np.ndarray]:

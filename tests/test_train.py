@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
+from reranker.data import SplitFeatures
 from reranker.train import TrainConfig, load_checkpoint, load_model, save_checkpoint, train
 from tests.conftest import ROOT, make_feature_cache, subprocess_env
 
@@ -70,7 +71,11 @@ def test_resume_after_a_kill_gives_the_same_weights(cache, tmp_path, monkeypatch
         train(_cfg(cache, tmp_path / "killed"), progress=False)
     assert load_checkpoint(tmp_path / "killed" / "last.pt")["step"] == 3  # the last checkpoint before the kill
     monkeypatch.setattr(T, "_forward", original)
+    with open(tmp_path / "killed" / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a line the kill cut short
     train(TrainConfig(run=str(tmp_path / "killed")), resume=True, progress=False)
+    # the log reads as the uninterrupted run's: step 4 ran twice but is logged once, the cut line is gone
+    assert [r["step"] for r in _log(tmp_path / "killed")] == [r["step"] for r in _log(full)]
     a = load_checkpoint(full / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "killed" / "last.pt")["model"]
     assert a.keys() == b.keys()
@@ -132,6 +137,44 @@ def test_refusals(tmp_path):
     assert not (tmp_path / "r3" / "last.pt").exists()
 
 
+def test_without_a_val_split_best_is_the_epoch_of_lowest_loss(cache, tmp_path, monkeypatch):
+    import reranker.train as T
+
+    saved, original = [], T.save_checkpoint
+
+    def recording(path, state):
+        saved.append((path.name, state["step"]))
+        original(path, state)
+
+    monkeypatch.setattr(T, "save_checkpoint", recording)
+    run = train(_cfg(cache, tmp_path / "run", val_split="", epochs=3), progress=False)
+    losses = {r["step"]: r["loss"] for r in _log(run) if "loss" in r and r["step"] % 8 == 0}  # each epoch's last step
+    assert [r for r in _log(run) if "val_two_stage_t2v" in r][0]["val_two_stage_t2v"] is None
+    kept = [step for name, step in saved if name == "best.pt"]
+    assert kept[0] == 8  # the first epoch is always kept (it was never, with best starting at -1 and losses > 1)
+    assert load_checkpoint(run / "best.pt")["step"] == min(losses, key=losses.get)
+
+
+def test_allow_partial_trains_on_the_videos_whose_captions_are_done(cache, tmp_path):
+    from pipeline.cache import PENDING, FeatureCache
+
+    FeatureCache(cache, mode="r+").group["text_chunk_status"][0] = PENDING  # captions of train0..train7 pending
+    with pytest.raises(UserError, match="extraction unfinished.*captions pending.*--allow-partial"):
+        train(_cfg(cache, tmp_path / "refused"), progress=False)
+    assert SplitFeatures.open(FeatureCache(cache), "test").n_texts == 12  # other splits are whole: not refused
+    run = train(_cfg(cache, tmp_path / "partial", allow_partial=True, epochs=3), progress=False)
+    assert load_checkpoint(run / "last.pt")["step"] == 3 * 4  # the 8 videos with captions, 2 anchors a step
+
+
+def test_torchrun_processes_need_two_anchors_each(cache, tmp_path, monkeypatch):
+    import reranker.train as T
+
+    monkeypatch.setattr(T, "_distributed", lambda device: (0, 4, device))
+    with pytest.raises(UserError, match=r"--batch-size 8 starts a step from 2 captions \(2 negatives each\), fewer than 2 "
+                                        r"for each of the 4 torchrun processes; pass --batch-size 24 or more"):
+        train(_cfg(cache, tmp_path / "run"), progress=False)
+
+
 def test_reranker_size_options_reach_the_run_and_bad_ones_are_one_line(cache, tmp_path):
     from click.testing import CliRunner
 
@@ -185,13 +228,14 @@ def test_two_process_gloo_run_takes_the_expected_steps(cache, tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "--",
            str(ROOT / "cli.py"), "train-reranker", "--cache", str(cache), "--run", str(run), "--epochs", "3",
-           "--batch-size", "8", "--checkpoint-every", "4"]
+           "--batch-size", "12", "--checkpoint-every", "4"]
     env = subprocess_env(OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [r for r in _log(run) if "loss" in r]
-    assert [s["step"] for s in steps] == list(range(1, 3 * 8 + 1))  # 16 videos / 2 anchors = 8 steps an epoch
-    assert load_checkpoint(run / "last.pt")["step"] == 24
+    assert [s["step"] for s in steps] == list(range(1, 3 * 4 + 1))  # 16 videos / 4 anchors = 4 steps an epoch
+    assert all(s["contrastive"] > 0 for s in steps)  # rank 0's 2 anchors: a real InfoNCE, not one caption alone
+    assert load_checkpoint(run / "last.pt")["step"] == 12
 
 
 def test_mining_takes_the_nearest_video_and_then_the_captions_top_candidate(tmp_path):
