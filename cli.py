@@ -183,8 +183,9 @@ def make_synthetic_cmd(out, videos, seed, size, seconds, clutter) -> None:
 @click.option("--run", type=click.Path(path_type=Path), help="Run folder [default: runs/<timestamp>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --run from its last checkpoint.")
 @click.option("--split", default="train", show_default=True)
-@click.option("--epochs", default=12, show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=12, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Captions and videos a step (anchors and their negatives).")
 @click.option("--hard-negatives", default=1, show_default=True,
               help="Negatives per caption from its top first-stage candidates.")
 @click.option("--neighbour-negatives", default=1, show_default=True,
@@ -201,7 +202,8 @@ def make_synthetic_cmd(out, videos, seed, size, seconds, clutter) -> None:
 @click.option("--heads", default=4, show_default=True, help="Attention heads of the reranker.")
 @click.option("--layers", default=1, show_default=True, help="Cross-attention blocks per stage.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--checkpoint-every", default=50, show_default=True, help="Steps between checkpoints.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Steps between checkpoints.")
 @click.option("--allow-partial", is_flag=True, help="Train on a cache whose extraction is unfinished.")
 @_friendly
 def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives, neighbour_negatives, lr, temporal,
@@ -211,6 +213,12 @@ def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives
 
     if resume and run is None:
         raise UserError("--resume needs --run DIR (the run to continue)")
+    ctx = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name in ctx.params if name not in ("run", "resume")
+             and ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    if resume and given:
+        raise UserError(f"{run}: --resume continues the run with the options it started with (its config.json); "
+                        f"drop {', '.join(given)} or start a new --run")
     cfg = TrainConfig(cache=str(_resolve_cache(cache)) if not resume else "", run=str(run or ""), split=split,
                       epochs=epochs, batch_size=batch_size, hard_negatives=hard_negatives,
                       neighbour_negatives=neighbour_negatives, lr=lr, temporal=temporal,
@@ -225,7 +233,8 @@ def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives
 @click.option("--cache", type=click.Path(path_type=Path), help="Cache folder [default: the most recent one].")
 @click.option("--run", type=click.Path(path_type=Path), help="A train-reranker run folder.")
 @click.option("--split", default="test", show_default=True)
-@click.option("--top-k", default=15, show_default=True, help="Candidates re-scored by the reranker.")
+@click.option("--top-k", type=click.IntRange(min=1), default=15, show_default=True,
+              help="Candidates re-scored by the reranker.")
 @click.option("--out", type=click.Path(path_type=Path), help="Metrics JSON [default: <run>/eval_<split>.json].")
 @click.option("--save-sims", type=click.Path(path_type=Path), help="Folder for the score matrices (.npy).")
 @click.option("--zero-shot", is_flag=True, help="Evaluate the untrained first stage (zero-shot CLIP).")
@@ -249,8 +258,9 @@ def evaluate(cache, run, split, top_k, out, save_sims, zero_shot) -> None:
 @click.argument("query")
 @click.option("--cache", type=click.Path(path_type=Path), help="Cache folder [default: the most recent one].")
 @click.option("--run", type=click.Path(path_type=Path), required=True, help="A train-reranker run folder.")
-@click.option("--top", default=10, show_default=True, help="Videos to print.")
-@click.option("--top-k", default=15, show_default=True, help="Candidates re-scored by the reranker.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Videos to print.")
+@click.option("--top-k", type=click.IntRange(min=1), default=15, show_default=True,
+              help="Candidates re-scored by the reranker.")
 @_friendly
 def search(query, cache, run, top, top_k) -> None:
     """Rank the cached videos for a text QUERY with both stages."""

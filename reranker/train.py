@@ -108,6 +108,9 @@ def load_model(run: Path, which: str = "best") -> tuple[CrossTVR, dict]:
     if not (run / "config.json").is_file():
         raise UserError(f"{run}: not a training run (no config.json); pass --run the folder train-reranker wrote")
     path = run / f"{which}.pt"
+    if not path.exists() and not path.with_suffix(".prev.pt").exists():
+        raise UserError(f"{path}: no checkpoint yet (it is written at the end of the first epoch); wait for the run "
+                        "or continue it with train-reranker --resume")
     state = load_checkpoint(path)
     try:
         model = CrossTVR(ModelConfig(**state["model_config"]))

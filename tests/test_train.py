@@ -175,6 +175,24 @@ def test_torchrun_processes_need_two_anchors_each(cache, tmp_path, monkeypatch):
         train(_cfg(cache, tmp_path / "run"), progress=False)
 
 
+def test_cli_refusals_are_one_line(cache, tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+
+    run = tmp_path / "run"
+    bad = CliRunner().invoke(cli.main, ["train-reranker", "--cache", str(cache), "--run", str(run), "--checkpoint-every", "0"])
+    assert bad.exit_code == 2 and "Invalid value for '--checkpoint-every'" in bad.output and not run.exists()
+    train(_cfg(cache, run), progress=False)
+    changed = CliRunner().invoke(cli.main, ["train-reranker", "--run", str(run), "--resume", "--epochs", "3", "--lr", "1"])
+    assert changed.exit_code == 2
+    assert "--resume continues the run with the options it started with (its config.json); drop --epochs, --lr" in changed.output
+    (run / "best.pt").unlink()
+    (run / "best.prev.pt").unlink(missing_ok=True)
+    with pytest.raises(UserError, match=r"best.pt: no checkpoint yet .*train-reranker --resume"):
+        load_model(run)
+
+
 def test_reranker_size_options_reach_the_run_and_bad_ones_are_one_line(cache, tmp_path):
     from click.testing import CliRunner
 
