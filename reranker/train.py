@@ -316,6 +316,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         if not (run / "config.json").is_file():
             raise UserError(f"{run}: nothing to resume (no config.json); start it without --resume")
         saved = json.loads((run / "config.json").read_text())
+        if cfg.cache and Path(cfg.cache).resolve() != Path(saved["cache"]).resolve():
+            raise UserError(f"{run}: the run trains on {saved['cache']}, not {cfg.cache}; drop --cache or start a new --run")
         cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
     elif (run / "last.pt").exists() or (run / "last.prev.pt").exists():
         raise UserError(f"{run}: a run is already there; pass --resume to continue it or another --run")

@@ -187,6 +187,10 @@ def test_cli_refusals_are_one_line(cache, tmp_path):
     changed = CliRunner().invoke(cli.main, ["train-reranker", "--run", str(run), "--resume", "--epochs", "3", "--lr", "1"])
     assert changed.exit_code == 2
     assert "--resume continues the run with the options it started with (its config.json); drop --epochs, --lr" in changed.output
+    same = CliRunner().invoke(cli.main, ["train-reranker", "--run", str(run), "--resume", "--cache", str(cache)])
+    assert same.exit_code == 0, same.output  # as `make demo` resumes: the run's own cache may be named
+    other = CliRunner().invoke(cli.main, ["train-reranker", "--run", str(run), "--resume", "--cache", str(tmp_path)])
+    assert other.exit_code == 2 and f"the run trains on {cache}, not {tmp_path}; drop --cache" in other.output
     (run / "best.pt").unlink()
     (run / "best.prev.pt").unlink(missing_ok=True)
     with pytest.raises(UserError, match=r"best.pt: no checkpoint yet .*train-reranker --resume"):
