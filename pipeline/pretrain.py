@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.encoder import DEFAULT_MODEL, WEIGHTS_DIR, file_sha256, register_model_configs
+from pipeline.encoder import DEFAULT_MODEL, WEIGHTS_DIR, register_model_configs
 from pipeline.errors import UserError
+from pipeline.files import file_sha256, write_text_atomic
 from pipeline.synthetic import BACKGROUND, COLOURS, SHAPES, Scene, _captions, render_frame, sample_frame_scene
 
 log = logging.getLogger(__name__)
@@ -142,9 +143,7 @@ def save_weights(model: torch.nn.Module, out: Path) -> Path:
     os.replace(tmp, out)
     digest = file_sha256(out)
     sidecar = out.with_name(out.name + ".sha256")
-    tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(f"{digest}  {out.name}\n")
-    os.replace(tmp, sidecar)
+    write_text_atomic(sidecar, f"{digest}  {out.name}\n")
     return out
 
 

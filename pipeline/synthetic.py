@@ -37,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import UserError
+from pipeline.files import write_text_atomic
 from pipeline.ffmpeg import ffmpeg_exe
 
 log = logging.getLogger(__name__)
@@ -654,12 +655,6 @@ def plan(videos: int, seed: int, clutter: int = 0) -> list[PlannedVideo]:
 # ----------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def encode_video(frames: np.ndarray, path: Path, fps: int) -> None:
     """Encode [T, S, S, 3] uint8 RGB frames as H.264 yuv420p .mp4, reproducibly, atomically."""
     _, h, w, _ = frames.shape
@@ -711,7 +706,7 @@ def _prepare(out: Path, params: dict) -> None:
     videos.mkdir(parents=True, exist_ok=True)
     for part in videos.glob(".*.part"):  # left by a killed run
         part.unlink()
-    _atomic_write(params_path, json.dumps(params, indent=1) + "\n")
+    write_text_atomic(params_path, json.dumps(params, indent=1) + "\n")
 
 
 def make_synthetic(
@@ -769,14 +764,14 @@ def make_synthetic(
         })
         for p in planned
     ]
-    _atomic_write(out / "scenes.jsonl", "\n".join(lines) + "\n")
+    write_text_atomic(out / "scenes.jsonl", "\n".join(lines) + "\n")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["video", "caption", "split"])
     for p in planned:
         for caption in p.captions:
             writer.writerow([p.video, caption, p.split])
-    _atomic_write(out / "manifest.csv", buf.getvalue())  # last: its presence means the set is complete
+    write_text_atomic(out / "manifest.csv", buf.getvalue())  # last: its presence means the set is complete
     return out
 
 

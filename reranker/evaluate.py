@@ -15,6 +15,7 @@ import torch
 from pipeline.cache import FeatureCache
 from pipeline.encoder import autocast, default_device
 from pipeline.errors import UserError
+from pipeline.files import write_text_atomic
 from reranker import metrics as M
 from reranker.data import RERANKER_TEXT_ARRAYS, SplitFeatures, to_device
 from reranker.model import CrossTVR, EncodedFrames
@@ -174,9 +175,7 @@ def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
     ev = _evaluate(model, feats, cfg.top_k, default_device(), cfg.zero_shot)
     out = Path(cfg.out) if cfg.out else (Path(cfg.run) if cfg.run else Path(cfg.cache).parent) / f"eval_{cfg.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(json.dumps(ev.results, indent=2))
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(ev.results, indent=2))
     truth = feats.text_video
     curves = {"first stage t2v": M.t2v_ranks(ev.first, truth)}
     if ev.two_stage_t2v is not None:
