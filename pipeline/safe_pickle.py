@@ -8,10 +8,14 @@ every lookup there is enough to keep a hostile file inert.
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
 from pipeline.errors import UserError
+
+# All of a dataset's captions pickle is a few MB; unpickled, plain data takes several times its file size in memory.
+MAX_BYTES = 256 * 2**20
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -34,6 +38,12 @@ def safe_load(path: Path) -> object:
     path = Path(path)
     try:
         with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_BYTES:
+                raise UserError(
+                    f"{path}: {size:,} bytes, more than the {MAX_BYTES // 2**20} MiB an annotation pickle may hold; "
+                    "check that this is the captions file"
+                )
             return _PlainDataUnpickler(f, str(path)).load()
     except UserError:
         raise
@@ -41,7 +51,18 @@ def safe_load(path: Path) -> object:
         raise UserError(f"{path}: file not found") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    # A truncated or foreign file surfaces as any of these, depending on where the bytes stop making sense.
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+    # A truncated or foreign file surfaces as any of these, depending on where the bytes stop making sense;
+    # a corrupt length field asks for more memory than exists, a corrupt float overflows.
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        MemoryError,
+        OverflowError,
+    ) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path}: not a valid pickle ({reason}); re-download or re-create the file") from None

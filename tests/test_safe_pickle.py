@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import pytest
 
+from pipeline import safe_pickle
 from pipeline.errors import UserError
 from pipeline.safe_pickle import safe_load
 
@@ -96,3 +98,35 @@ def test_text_file_is_a_user_error(tmp_path: Path) -> None:
 def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="file not found"):
         safe_load(tmp_path / "absent.pkl")
+
+
+HUGE = struct.pack("<Q", 2**62)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"\x80\x04\x8d" + HUGE + b"x.", id="BINUNICODE8"),
+        pytest.param(b"\x80\x04\x8e" + HUGE + b"x.", id="BINBYTES8"),
+        pytest.param(b"\x80\x05\x96" + HUGE + b"x.", id="BYTEARRAY8"),
+        pytest.param(b"\x80\x04\x95" + HUGE + b"N.", id="FRAME"),
+        pytest.param(b"\x80\x04\x95" + struct.pack("<Q", 2**64 - 1) + b"N.", id="FRAME-max"),
+        pytest.param(b"F1e999\n.", id="FLOAT-overflow"),
+    ],
+)
+def test_corrupt_length_or_number_is_a_user_error(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "corrupt.pkl"
+    path.write_bytes(data)
+    with pytest.raises(UserError, match="not a valid pickle") as err:
+        safe_load(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_file_above_the_size_limit_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "big.pkl"
+    path.write_bytes(pickle.dumps(PLAIN))
+    monkeypatch.setattr(safe_pickle, "MAX_BYTES", path.stat().st_size - 1)
+    monkeypatch.setattr(safe_pickle, "_PlainDataUnpickler", None)  # unpickling would fail loudly
+    with pytest.raises(UserError, match="MiB an annotation pickle may hold") as err:
+        safe_load(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
