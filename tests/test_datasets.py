@@ -241,6 +241,14 @@ def test_msvd_pickle_of_wrong_shape(tmp_path: Path) -> None:
     _error(err, "raw-captions.pkl", "'v1'", "lists of word strings")
 
 
+@pytest.mark.parametrize("value", ["a dog runs", 7, None, {"a": "dog"}])
+def test_msvd_pickle_value_not_a_caption_list(tmp_path: Path, value: object) -> None:
+    root = _msvd_pickle_root(tmp_path, {"v1": value}, {"train": "v1\n", "val": "", "test": ""})
+    with pytest.raises(UserError) as err:
+        load_records("msvd", root)
+    _error(err, str(root / "raw-captions.pkl"), "'v1'", "must map to a list of captions")
+
+
 # --- msrvtt ---------------------------------------------------------------------------------------
 
 

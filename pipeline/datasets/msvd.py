@@ -57,6 +57,9 @@ def _from_pickle(data_root: Path) -> tuple[SplitTable, dict[str, list[str]], str
     captions = {}
     for video_id, caps in raw.items():
         if video_id in splits:
+            # A bare string would otherwise become one caption per character.
+            if not isinstance(caps, (list, tuple)):
+                raise UserError(f"{path}: video '{video_id}' must map to a list of captions, got {caps!r:.60}")
             captions[video_id] = clean_captions((_join(c, path, video_id) for c in caps), str(path), video_id)
     return splits, captions, str(path)
 
