@@ -70,13 +70,15 @@ def _resolve_cache(cache: Path | None) -> Path:
 @click.option("--pretrained", default=None,
               help="open_clip tag (e.g. openai), a local checkpoint path, or 'random' "
                    "[default: the shipped weights of CrossTVR-Tiny; random for other models].")
-@click.option("--frames", default=12, show_default=True, help="Frames sampled uniformly per video.")
+@click.option("--frames", type=click.IntRange(min=1), default=12, show_default=True, help="Frames sampled uniformly per video.")
 @click.option("--patch-layer", default=-1, show_default=True, help="Visual block whose patch tokens are stored.")
 @click.option("--text-layer", type=int, default=None,
               help="Text tokens stored after this many text blocks (0 = token embeddings, -1 = last) "
                    "[default: 0 for the shipped CrossTVR-Tiny, -1 otherwise].")
-@click.option("--max-text-tokens", default=32, show_default=True, help="Text tokens kept per caption.")
-@click.option("--batch-videos", default=8, show_default=True, help="Videos encoded per batch.")
+# A tokenized caption holds at least its start and end tokens.
+@click.option("--max-text-tokens", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Text tokens kept per caption.")
+@click.option("--batch-videos", type=click.IntRange(min=1), default=8, show_default=True, help="Videos encoded per batch.")
 @click.option("--workers", default=4, show_default=True, help="Decoder threads running ahead of the encoder.")
 @click.option("--shard", default=None, help="I/N: process a disjoint slice [default: RANK/WORLD_SIZE under torchrun].")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache and rebuild it.")
@@ -164,7 +166,7 @@ def export_h5_cmd(cache, out) -> None:
 @main.command("make-synthetic")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("data/synthetic"), show_default=True)
 @click.option("--videos", default=1000, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)  # numpy seeds are non-negative
 @click.option("--size", default=64, show_default=True, help="Frame size in pixels.")
 @click.option("--seconds", default=2.0, show_default=True)
 @click.option("--clutter", default=0, show_default=True,

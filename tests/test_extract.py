@@ -216,6 +216,17 @@ def test_text_layer_flag_reaches_the_encoder(tiny_dataset, tmp_path):
     assert "--text-layer 9 out of range: CrossTVR-Tiny has 4 text blocks" in result.output
 
 
+@pytest.mark.parametrize(("option", "value", "minimum"),
+                         [("--frames", "0", "1"), ("--batch-videos", "0", "1"), ("--batch-videos", "-2", "1"),
+                          ("--max-text-tokens", "0", "2"), ("--max-text-tokens", "1", "2")])
+def test_out_of_range_count_is_a_usage_error(tmp_path, option, value, minimum):
+    args = ["extract", "--dataset", "manifest", "--data-root", str(tmp_path), "--cache", str(tmp_path / "c.zarr")]
+    result = CliRunner().invoke(cli.main, args + [option, value])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}': {value} is not in the range x>={minimum}" in result.output
+    assert not (tmp_path / "c.zarr").exists()
+
+
 def test_cache_of_another_video_list_is_refused(extracted, tiny_dataset):
     summary, _ = extracted
     with open(tiny_dataset / "manifest.csv", "a") as f:

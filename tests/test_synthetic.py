@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+import cli
 from pipeline.datasets import ADAPTERS, GENERATED, _import_adapters
 from pipeline.datasets.manifest import read_manifest
 from pipeline.datasets.synthetic import load, twin_kinds
@@ -434,6 +436,13 @@ def test_bad_arguments_are_user_errors(tmp_path):
     (tmp_path / "y" / "videos" / "v00000.mp4").write_bytes(b"not ours")
     with pytest.raises(UserError, match="params.json"):
         make_synthetic(tmp_path / "y", videos=2)
+
+
+def test_negative_seed_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(cli.main, ["make-synthetic", "--out", str(tmp_path / "x"), "--videos", "2", "--seed", "-1"])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--seed': -1 is not in the range x>=0" in result.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_adapter_generates_when_missing(generated, tmp_path):
