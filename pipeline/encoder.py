@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,12 @@ def register_model_configs() -> None:
 
 
 def default_device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's GPU when CUDA is present (LOCAL_RANK under torchrun, else GPU 0), else CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)  # bare "cuda" tensors and NCCL then use this rank's GPU too
+    return device
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

@@ -258,19 +258,19 @@ def _forward(model: CrossTVR, batch: dict, device: torch.device) -> tuple[torch.
     return contrastive + matching, stats
 
 
-def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA; else (0, 1)."""
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size) under torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on CUDA; else (0, 1).
+
+    device is default_device(), which is already this rank's GPU (LOCAL_RANK).
+    """
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
-        return 0, 1, device
+        return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), world, device
+    return dist.get_rank(), world
 
 
 def _average_gradients(model: torch.nn.Module, world: int) -> None:
@@ -310,7 +310,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     """
     from reranker.evaluate import evaluate_split
 
-    rank, world, device = _distributed(default_device())
+    device = default_device()
+    rank, world = _distributed(device)
     run = Path(cfg.run or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if resume:
         if not (run / "config.json").is_file():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.encoder import DEFAULT_MODEL, FrozenEncoder, file_sha256, resolve_text_layer
+from pipeline.encoder import DEFAULT_MODEL, FrozenEncoder, default_device, file_sha256, resolve_text_layer
 from pipeline.errors import UserError
 
 
@@ -139,3 +139,23 @@ def test_loading_errors_are_one_line(model, pretrained, message):
     with pytest.raises(UserError, match=message) as err:
         FrozenEncoder(model, pretrained=pretrained, device=torch.device("cpu"))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("local_rank", "index"), [(None, 0), ("3", 3)])
+def test_default_device_is_this_ranks_gpu(monkeypatch, local_rank, index):
+    picked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", picked.append)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)  # torchrun's GPU index of this process on its node
+    assert default_device() == torch.device("cuda", index)
+    assert picked == [torch.device("cuda", index)]
+
+
+def test_default_device_without_cuda_is_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail(f"set_device({device}) without CUDA"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert default_device() == torch.device("cpu")
