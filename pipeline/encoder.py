@@ -90,6 +90,14 @@ class EncoderInfo:
     context_length: int
 
 
+def _no_clip_text(model_name: str) -> UserError:
+    """The refusal for a text tower that is not open_clip's own transformer with the CLIP tokenizer."""
+    return UserError(
+        f"model '{model_name}' has no CLIP-style text tower: text tokens need open_clip's text transformer and "
+        "CLIP tokenizer (e.g. ViT-B-32), not a Hugging Face text encoder or tokenizer"
+    )
+
+
 def _load_model(model_name: str, pretrained: str | None):
     import open_clip
 
@@ -99,6 +107,10 @@ def _load_model(model_name: str, pretrained: str | None):
             f"unknown open_clip model '{model_name}': see open_clip.list_models() "
             f"(e.g. ViT-B-32, ViT-L-14) or the project's {DEFAULT_MODEL}"
         )
+    # Refused before loading: open_clip would build a Hugging Face tokenizer (no .encode), which needs
+    # transformers and a download.
+    if open_clip.get_model_config(model_name)["text_cfg"].get("hf_tokenizer_name"):
+        raise _no_clip_text(model_name)
     if pretrained and Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") and not Path(pretrained).is_file():
         raise UserError(f"{pretrained}: checkpoint file not found; pass --pretrained an existing file or an open_clip tag")
     try:
@@ -143,9 +155,12 @@ class FrozenEncoder:
         visual = getattr(model, "visual", None)
         if not hasattr(visual, "transformer") or not hasattr(visual, "class_embedding"):
             raise UserError(f"model '{model_name}' has no ViT image tower; patch tokens need a ViT (e.g. ViT-B-32)")
+        text_transformer = getattr(getattr(model, "text", model), "transformer", None)  # CustomTextCLIP: in .text
+        if not hasattr(text_transformer, "resblocks"):
+            raise _no_clip_text(model_name)
         self.model = model.eval().requires_grad_(False).to(self.device)
         self.visual = self.model.visual
-        self.text_transformer = getattr(self.model, "transformer", None) or self.model.text.transformer
+        self.text_transformer = text_transformer
         n_blocks = len(self.visual.transformer.resblocks)
         if not -n_blocks <= patch_layer < n_blocks:
             raise UserError(f"--patch-layer {patch_layer} out of range: {model_name} has {n_blocks} visual blocks")

@@ -10,7 +10,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.encoder import DEFAULT_MODEL, FrozenEncoder, default_device, file_sha256, resolve_text_layer
+from pipeline.encoder import (
+    DEFAULT_MODEL,
+    FrozenEncoder,
+    _load_model,
+    default_device,
+    file_sha256,
+    resolve_text_layer,
+)
 from pipeline.errors import UserError
 
 
@@ -133,11 +140,26 @@ def test_random_weights_warn_loudly(caplog):
         ("No-Such-Model", None, "unknown open_clip model 'No-Such-Model'"),
         (DEFAULT_MODEL, "missing/ckpt.safetensors", "checkpoint file not found"),
         (DEFAULT_MODEL, "no-such-tag", "pass a local checkpoint: --pretrained"),
+        # Hugging Face text sides, refused from the config before any download
+        ("roberta-ViT-B-32", None, "model 'roberta-ViT-B-32' has no CLIP-style text tower"),
+        ("ViT-L-14-CLIPA", None, "model 'ViT-L-14-CLIPA' has no CLIP-style text tower"),
     ],
 )
 def test_loading_errors_are_one_line(model, pretrained, message):
     with pytest.raises(UserError, match=message) as err:
         FrozenEncoder(model, pretrained=pretrained, device=torch.device("cpu"))
+    assert "\n" not in str(err.value)
+
+
+def test_text_tower_without_resblocks_is_refused(monkeypatch):
+    def hf_text_tower(model_name, pretrained):
+        model = _load_model(model_name, pretrained)
+        model.transformer = torch.nn.Module()  # as a Hugging Face text encoder: no .resblocks
+        return model
+
+    monkeypatch.setattr("pipeline.encoder._load_model", hf_text_tower)
+    with pytest.raises(UserError, match=f"model '{DEFAULT_MODEL}' has no CLIP-style text tower") as err:
+        FrozenEncoder(DEFAULT_MODEL, pretrained="random", device=torch.device("cpu"))
     assert "\n" not in str(err.value)
 
 
