@@ -169,7 +169,7 @@ def test_allow_partial_trains_on_the_videos_whose_captions_are_done(cache, tmp_p
 def test_torchrun_processes_need_two_anchors_each(cache, tmp_path, monkeypatch):
     import reranker.train as T
 
-    monkeypatch.setattr(T, "_distributed", lambda device: (0, 4, device))
+    monkeypatch.setattr(T, "_distributed", lambda device: (0, 4))
     with pytest.raises(UserError, match=r"--batch-size 8 starts a step from 2 captions \(2 negatives each\), fewer than 2 "
                                         r"for each of the 4 torchrun processes; pass --batch-size 24 or more"):
         train(_cfg(cache, tmp_path / "run"), progress=False)
