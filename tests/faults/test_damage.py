@@ -49,7 +49,8 @@ def test_damaged_chunk_is_found_and_only_its_video_redone(fault_data, reference,
     changed = {k for k in before if after.get(k) != before[k]}
     # Only video 2's chunks and the caption chunk were written again; every other chunk file is untouched.
     video_2 = {f"{a}/c/2{tail}" for a, tail in (("patch_tokens", "/0/0/0"), ("cls_tokens", "/0/0"),
-                                               ("frame_embeds", "/0/0"), ("frame_mask", "/0"), ("video_status", ""))}
+                                               ("frame_embeds", "/0/0"), ("frame_mask", "/0"), ("video_source", ""),
+                                               ("video_status", ""))}
     assert changed == video_2 | {"text_tokens/c/0/0/0", "text_embeds/c/0/0", "text_chunk_status/c/0"}, changed
     assert_same_cache(copy, reference)
     assert _info(copy, "--verify").exit_code == 0

@@ -22,14 +22,15 @@ from tests.faults.harness import (
     start_cli,
 )
 
-# Durable writes of one run over the fault dataset: 40 while creating the store (in a temp folder),
-# then 3 for the caption chunk (tokens, embeddings, status), then 5 per video (4 arrays, then status).
+# Durable writes of one run over the fault dataset: 42 while creating the store (in a temp folder),
+# then 3 for the caption chunk (tokens, embeddings, status), then 6 per video (4 arrays, the file's
+# source record, then status).
 KILL_CHAIN = [
     ("partial:10", "torn array metadata while creating the store"),
-    ("after:42", "caption data on disk, caption chunk not yet marked done"),
+    ("after:43", "caption data on disk, caption chunk not yet marked done"),
     ("partial:6", "torn patch/frame chunk of the first video"),
     ("video:3", "after a video is done, half-way through a block"),
-    ("partial:5", "torn write of the done flag itself"),
+    ("partial:6", "torn write of the done flag itself"),
     ("after:7", "between two arrays of one video"),
 ]
 
@@ -62,9 +63,9 @@ def test_kill_at_random_moments_then_resume(fault_data, reference, tmp_path, see
     kills = []
     while len(kills) < 6:
         kind = rng.choice(["partial", "after", "partial", "after", "video"])
-        # A fresh run makes 73 writes, a resumed one at most 33 (the store exists): draw within what is left.
+        # A fresh run makes 81 writes, a resumed one at most 39 (the store exists): draw within what is left.
         fresh = not (cache / "zarr.json").exists()
-        fault = f"{kind}:{rng.randint(1, 6 if fresh else 3) if kind == 'video' else rng.randint(1, 73 if fresh else 25)}"
+        fault = f"{kind}:{rng.randint(1, 6 if fresh else 3) if kind == 'video' else rng.randint(1, 81 if fresh else 30)}"
         code = run_cli(args, fault, log)
         if code == 0:
             break  # the kill point lay beyond what was left to do: this run finished
