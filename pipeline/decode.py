@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +12,12 @@ import ffmpeg
 import numpy as np
 
 from pipeline.ffmpeg import ffmpeg_exe, passthrough_option
+
+
+# framecrc lines: stream, dts, pts, duration, size, checksum, then flags unless the packet is only a keyframe
+_PACKET = re.compile(rb"\d+, *(-?\d+), *(-?\d+), *-?\d+, *\d+, *0x[0-9a-f]+(?:, F=0x([0-9A-F]+))?")
+_NOPTS = -(2**63)  # AV_NOPTS_VALUE
+_DISCARD = 0x4  # AV_PKT_FLAG_DISCARD
 
 
 class DecodeError(Exception):
@@ -23,38 +32,93 @@ class DecodedVideo:
     mask: np.ndarray
 
 
-def count_frames(path: Path) -> int:
-    """Number of packets (frames) in the first video stream, counted by demuxing without decoding.
+def frame_times(path: Path, decode: bool = False) -> list[int]:
+    """Timestamps (ascending, in ticks of one time base) of the frames the decoder outputs for the first video stream.
 
     The framecrc muxer writes one line per packet to stdout; ffmpeg's own "frame=" stats line is not used, as
-    ffmpeg 7.0 leaves the count out of it when the stream is copied.
+    ffmpeg 7.0 leaves the count out of it when the stream is copied. By default the packets are only demuxed, which
+    is cheap, and those flagged discard (cut by an MP4 edit list) are left out; decode=True decodes them at a tiny
+    size instead, for streams whose packets and frames differ otherwise (packets the decoder rejects, field-coded
+    H.264). Packets without a presentation timestamp (H.264 in AVI) are taken at their decoding timestamp.
     """
-    stream = ffmpeg.input(str(path)).output("-", map="0:v:0", c="copy", f="framecrc")
+    exe = ffmpeg_exe()
+    if decode:
+        stream = (
+            ffmpeg.input(str(path), threads=1)
+            .video.filter("scale", 8, 8)
+            .output("-", f="framecrc", vcodec="rawvideo", pix_fmt="gray", **passthrough_option(exe))
+        )
+    else:
+        stream = ffmpeg.input(str(path)).output("-", map="0:v:0", c="copy", f="framecrc")
     try:
-        out, _ = stream.run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
+        out, _ = stream.run(cmd=exe, capture_stdout=True, capture_stderr=True)
     except ffmpeg.Error as e:
         raise DecodeError(_reason(e.stderr)) from None
-    return sum(1 for line in out.splitlines() if line and not line.startswith(b"#"))
+    times = []
+    for m in map(_PACKET.match, out.splitlines()):
+        if m and not int(m[3] or b"0", 16) & _DISCARD:
+            dts, pts = int(m[1]), int(m[2])
+            times.append(dts if pts == _NOPTS else pts)
+    return sorted(times)
 
 
-def sample_indices(n_available: int, n_frames: int) -> list[int]:
-    """Indices of n_frames frames spread uniformly (segment centres) over n_available frames."""
-    if n_available <= n_frames:
-        return list(range(n_available))
-    return [int((i + 0.5) * n_available / n_frames) for i in range(n_frames)]
+def sample_indices(times: Sequence[int], n_frames: int) -> list[int]:
+    """Indices of the frames on screen at the centres of n_frames equal segments of the clip's duration.
+
+    times are the frames' timestamps in ascending order; the last frame lasts as long as the one before it. A frame
+    already taken gives way to the next one. All frames when there are no more than n_frames.
+    """
+    n = len(times)
+    if n <= n_frames:
+        return list(range(n))
+    if _evenly_spaced(times):
+        times = range(n)  # constant frame rate: indices are exact where timestamps may be rounded (to 1 ms in mkv)
+    start, span = times[0], 2 * times[-1] - times[-2] - times[0]
+    scaled = [2 * n_frames * (t - start) for t in times]  # integers, so that a centre on a frame boundary is exact
+    picked: list[int] = []
+    for i in range(n_frames):
+        on_screen = bisect.bisect_right(scaled, (2 * i + 1) * span) - 1
+        picked.append(min(max(on_screen, picked[-1] + 1 if picked else 0), n - n_frames + i))
+    return picked
 
 
 def decode_video(path: Path, n_frames: int, size: int) -> DecodedVideo:
-    """Decode n_frames frames sampled uniformly, resized (shorter side) and center-cropped to size."""
+    """Decode n_frames frames sampled uniformly in time, resized (shorter side) and center-cropped to size."""
     path = Path(path)
     if not path.is_file():
         raise DecodeError("file not found")
     if path.stat().st_size == 0:
         raise DecodeError("empty file (0 bytes)")
-    wanted = sample_indices(count_frames(path), n_frames)
-    if not wanted:
+    times = frame_times(path)
+    wanted = sample_indices(times, n_frames)
+    # the last frame counted comes along as a witness that the decoder outputs every frame counted
+    witness = [len(times) - 1] if wanted and wanted[-1] < len(times) - 1 else []
+    frames = _select_frames(path, wanted + witness, size)
+    if len(frames) < len(wanted) + len(witness) and len(wanted) < len(times):
+        # fewer frames came out than packets were counted: sample again over the frames the decoder outputs
+        wanted = sample_indices(frame_times(path, decode=True), n_frames)
+        frames = _select_frames(path, wanted, size)
+    n_got = min(len(frames), len(wanted))
+    if n_got == 0:
         raise DecodeError("no decodable video frames")
-    select = "+".join(f"eq(n,{i})" for i in wanted)  # ffmpeg-python escapes the commas
+    padded = np.zeros((n_frames, size, size, 3), dtype=np.uint8)
+    padded[:n_got] = frames[:n_got]
+    mask = np.zeros(n_frames, dtype=bool)
+    mask[:n_got] = True
+    return DecodedVideo(frames=padded, mask=mask)
+
+
+def _evenly_spaced(times: Sequence[int]) -> bool:
+    """Whether timestamps are those of a constant frame rate: each within one tick of the line through the ends."""
+    n, span = len(times) - 1, times[-1] - times[0]
+    return all(abs((t - times[0]) * n - k * span) <= n for k, t in enumerate(times))
+
+
+def _select_frames(path: Path, indices: list[int], size: int) -> np.ndarray:
+    """The frames [K, S, S, 3] at these indices of the decoder's output, resized and cropped; fewer if it has fewer."""
+    if not indices:
+        return np.zeros((0, size, size, 3), dtype=np.uint8)
+    select = "+".join(f"eq(n,{i})" for i in indices)  # ffmpeg-python escapes the commas
     exe = ffmpeg_exe()
     stream = (
         ffmpeg.input(str(path), threads=1)
@@ -68,14 +132,8 @@ def decode_video(path: Path, n_frames: int, size: int) -> DecodedVideo:
     except ffmpeg.Error as e:
         raise DecodeError(_reason(e.stderr)) from None
     frame_bytes = size * size * 3
-    n_got = min(len(out) // frame_bytes, n_frames)
-    if n_got == 0:
-        raise DecodeError("no decodable video frames")
-    frames = np.zeros((n_frames, size, size, 3), dtype=np.uint8)
-    frames[:n_got] = np.frombuffer(out[: n_got * frame_bytes], dtype=np.uint8).reshape(n_got, size, size, 3)
-    mask = np.zeros(n_frames, dtype=bool)
-    mask[:n_got] = True
-    return DecodedVideo(frames=frames, mask=mask)
+    n_got = len(out) // frame_bytes
+    return np.frombuffer(out[: n_got * frame_bytes], dtype=np.uint8).reshape(n_got, size, size, 3)
 
 
 def _reason(stderr: bytes | None) -> str:

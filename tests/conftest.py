@@ -23,13 +23,14 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-def write_video(path: Path, frames: np.ndarray, fps: int = 12) -> Path:
-    """Encode uint8 RGB frames [N, H, W, 3] losslessly-ish into an .mp4 (H.264, yuv444p, qp 0)."""
+def write_video(path: Path, frames: np.ndarray, fps: int = 12, **options: str) -> Path:
+    """Encode uint8 RGB frames [N, H, W, 3] losslessly-ish into an .mp4 (H.264, yuv444p, qp 0); options add to or
+    replace ffmpeg's output options."""
     n, h, w, _ = frames.shape
     path.parent.mkdir(parents=True, exist_ok=True)
     (
         ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", framerate=fps)
-        .output(str(path), vcodec="libx264", pix_fmt="yuv444p", qp=0, loglevel="error")
+        .output(str(path), **{"vcodec": "libx264", "pix_fmt": "yuv444p", "qp": 0, "loglevel": "error", **options})
         .overwrite_output()
         .run(cmd=ffmpeg_exe(), input=np.ascontiguousarray(frames).tobytes())
     )

@@ -1,36 +1,61 @@
-"""Decoding: uniform sampling, resize and crop, frame masks, and clear reasons for bad files."""
+"""Decoding: sampling uniform in time, resize and crop, frame masks, and clear reasons for bad files."""
 
 from __future__ import annotations
+
+import re
 
 import ffmpeg
 import numpy as np
 import pytest
 
-from pipeline.decode import DecodeError, count_frames, decode_video, sample_indices
+from pipeline.decode import DecodeError, decode_video, frame_times, sample_indices
 from pipeline.ffmpeg import ffmpeg_exe, passthrough_option
 from tests.conftest import level_frames, write_video
 
 
+def index_frames(n: int, h: int = 48, w: int = 64) -> np.ndarray:
+    """Frames whose colour encodes their index (up to 255): red 16 * (i // 16), green 16 * (i % 16)."""
+    i = np.arange(n)[:, None, None]
+    frames = np.zeros((n, h, w, 3), dtype=np.uint8)
+    frames[..., 0], frames[..., 1] = 16 * (i // 16), 16 * (i % 16)
+    return frames
+
+
+def decoded_indices(frames: np.ndarray) -> list[int]:
+    """The indices that index_frames encoded into these decoded frames."""
+    red, green = np.rint(frames.reshape(len(frames), -1, 3).mean(axis=1)[:, :2] / 16).astype(int).T
+    return (16 * red + green).tolist()
+
+
 def test_sample_indices_are_segment_centres():
-    assert sample_indices(24, 4) == [3, 9, 15, 21]
-    assert sample_indices(3, 12) == [0, 1, 2]
-    assert sample_indices(12, 12) == list(range(12))
+    assert sample_indices(range(24), 4) == [3, 9, 15, 21]
+    assert sample_indices(range(3), 12) == [0, 1, 2]
+    assert sample_indices(range(12), 12) == list(range(12))
 
 
-def test_count_frames(tmp_path):
-    assert count_frames(write_video(tmp_path / "a.mp4", level_frames(17))) == 17
+def test_sample_indices_follow_time():
+    # the first frame lasts 10 ticks, the others 1: centres 2.4, 7.1, 11.9, 16.6 show frames 0, 0, 2 and 7;
+    # the second centre gives way to frame 1
+    assert sample_indices([0, 10, 11, 12, 13, 14, 15, 16, 17, 18], 4) == [0, 1, 2, 7]
+    # 29.97 fps rounded to milliseconds (Matroska) is still constant frame rate: the same frames as by index
+    rounded = [round(k * 1001 / 30) for k in range(300)]
+    assert sample_indices(rounded, 12) == sample_indices(range(300), 12)
 
 
-def test_count_frames_does_not_read_ffmpeg_log(tmp_path, monkeypatch):
+def test_frame_times(tmp_path):
+    times = frame_times(write_video(tmp_path / "a.mp4", level_frames(17)))
+    assert len(times) == 17 and len(set(np.diff(times))) == 1
+
+
+def test_frame_times_do_not_read_ffmpeg_log(tmp_path, monkeypatch):
     # ffmpeg 7.0 prints no frame count for a copied stream: an ffmpeg that logs only errors stands in for it
     path = write_video(tmp_path / "a.mp4", level_frames(17))
     quiet = tmp_path / "ffmpeg"
     quiet.write_text(f'#!/bin/sh\nexec "{ffmpeg_exe()}" -loglevel error "$@"\n')
     quiet.chmod(0o755)
     monkeypatch.setattr("pipeline.decode.ffmpeg_exe", lambda: str(quiet))
-    assert count_frames(path) == 17
+    assert len(frame_times(path)) == 17
     assert decode_video(path, n_frames=4, size=16).mask.all()
-
 
 
 @pytest.mark.parametrize("banner, option", [
@@ -45,6 +70,7 @@ def test_passthrough_option_follows_the_ffmpeg_release(tmp_path, banner, option)
     fake.write_text(f"#!/bin/sh\necho '{banner}'\necho 'built with gcc'\n")
     fake.chmod(0o755)
     assert passthrough_option(str(fake)) == {option: "passthrough"}
+
 
 def test_decode_samples_the_right_frames(tmp_path):
     path = write_video(tmp_path / "levels.mp4", level_frames(30))
@@ -61,6 +87,46 @@ def test_short_video_is_padded_with_mask_not_duplicated(tmp_path):
     assert out.mask.tolist() == [True] * 3 + [False] * 9
     assert not out.frames[3:].any()  # padded slots hold zeros, not copies of real frames
     np.testing.assert_allclose(out.frames[:3].reshape(3, -1).mean(axis=1), [0, 8, 16], atol=1.5)
+
+
+def test_edit_listed_trim_is_sampled_to_its_end(tmp_path):
+    # a stream copy cut at 1.5 s keeps the packets from the keyframe at 0 s; the edit list hides frames 0 to 44
+    src = write_video(tmp_path / "src.mp4", index_frames(90), fps=30)
+    trim = tmp_path / "trim.mp4"
+    ffmpeg.input(str(src), ss=1.5).output(str(trim), c="copy", loglevel="error").run(cmd=ffmpeg_exe())
+    out = decode_video(trim, n_frames=12, size=16)
+    assert out.mask.all()
+    assert decoded_indices(out.frames) == [45 + int((i + 0.5) * 45 / 12) for i in range(12)]  # 46, 50, ..., 88
+
+
+def test_variable_frame_rate_is_sampled_uniformly_in_time(tmp_path):
+    # 10 frames at 2 fps (0 to 5 s), then 120 at 30 fps (5 to 9 s): the slow part is more than half the clip
+    time = [k / 2 if k < 10 else 5 + (k - 10) / 30 for k in range(130)]
+    path = write_video(tmp_path / "vfr.mp4", index_frames(130), fps=30,
+                       vf="setpts='if(lt(N,10),15*N,140+N)'", **passthrough_option(ffmpeg_exe()))
+    out = decode_video(path, n_frames=8, size=16)
+    assert out.mask.all()
+    segment = 9 / 8
+    centres = [(i + 0.5) * segment for i in range(8)]
+    sampled = [time[k] for k in decoded_indices(out.frames)]
+    assert all(abs(t - c) <= segment / 2 for t, c in zip(sampled, centres)), sampled
+
+
+def test_packets_the_decoder_rejects_are_not_sampled(tmp_path):
+    # an MJPEG AVI with frames 20 to 39 blanked out: 60 packets, but the decoder outputs 40 frames
+    path = write_video(tmp_path / "damaged.avi", index_frames(60), fps=30, vcodec="mjpeg", pix_fmt="yuvj444p")
+    data = bytearray(path.read_bytes())
+    jpegs = [m.start() for m in re.finditer(rb"\xff\xd8\xff", data)]
+    assert len(jpegs) == 60
+    for start in jpegs[20:40]:
+        end = data.index(b"\xff\xd9", start) + 2
+        data[start:end] = bytes(end - start)
+    path.write_bytes(data)
+    out = decode_video(path, n_frames=12, size=16)
+    assert out.mask.all()
+    got = decoded_indices(out.frames)
+    assert got == sorted(set(got)) and not set(got) & set(range(20, 40)), got
+    assert got[-1] >= 55  # the last segment (55 to 59) is sampled
 
 
 def test_resize_and_center_crop_non_square(tmp_path):
