@@ -92,7 +92,7 @@ def test_two_shards_at_once_one_killed_then_rerun(fault_data, sharded_reference,
     assert_finished_work_is_right(cache, sharded_reference)
 
     shard1_chunks = {k: t for k, t in chunk_files(cache).items() if _video_index(k) in (1, 3, 5)}
-    assert len(shard1_chunks) == 3 * 5  # 4 feature arrays and the status of each of its 3 videos
+    assert len(shard1_chunks) == 3 * 6  # 4 feature arrays, the source record and the status of each of its 3 videos
     assert run_cli(extract_args(fault_data, cache, "--shard", "0/2"), "none", log) == 0, _log_tail(log)
     after = chunk_files(cache)
     assert {k: after[k] for k in shard1_chunks} == shard1_chunks  # the re-run rewrote none of shard 1's work
@@ -103,5 +103,5 @@ def test_two_shards_at_once_one_killed_then_rerun(fault_data, sharded_reference,
 def _video_index(key: str) -> int | None:
     """Video index of a per-video chunk file such as 'patch_tokens/c/3/0/0/0', else None."""
     parts = key.split("/")
-    per_video = ("patch_tokens", "cls_tokens", "frame_embeds", "frame_mask", "video_status", "video_error")
+    per_video = ("patch_tokens", "cls_tokens", "frame_embeds", "frame_mask", "video_source", "video_status", "video_error")
     return int(parts[2]) if parts[0] in per_video and len(parts) > 2 and parts[1] == "c" else None
