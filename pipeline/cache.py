@@ -314,7 +314,7 @@ class FeatureCache:
 
     def failures(self) -> list[dict]:
         """Failed videos with the recorded reason, in index order."""
-        failed = np.flatnonzero(self._read_flags("video_status")[0] == FAILED)
+        failed = np.flatnonzero(self._read_rows("video_status")[0] == FAILED)
         ids = self.video_ids()
         errors = self["video_error"]
 
@@ -351,7 +351,7 @@ class FeatureCache:
         """
         if "video_source" not in self._arrays:
             return []
-        sources, status = self._arrays["video_source"], self.video_status()
+        sources, status = self._read_rows("video_source")[0], self._read_rows("video_status")[0]
         changed = []
         for i, path in zip(videos, paths):
             if status[i] != DONE or not path.is_file():
@@ -362,7 +362,7 @@ class FeatureCache:
                 continue
             now = video_source(path)
             if now.split()[2] == recorded[2]:
-                sources[i] = now
+                self.group["video_source"][i] = now
             else:
                 changed.append(i)
         return changed
@@ -394,7 +394,7 @@ class FeatureCache:
         """
         damaged: list[dict] = []
         ids = self.video_ids()
-        status, bad_status = self._read_flags("video_status")
+        status, bad_status = self._read_rows("video_status")
         for i in np.flatnonzero(status != PENDING).tolist() + bad_status:
             if i in bad_status:
                 reason = "video_status chunk unreadable"
@@ -402,7 +402,7 @@ class FeatureCache:
                 reason = self._chunk_problem(VIDEO_FEATURES if status[i] == DONE else ("video_error",), i)
             if reason:
                 damaged.append({"video": str(ids[i]), "index": int(i), "reason": reason})
-        chunks, bad_chunks = self._read_flags("text_chunk_status")
+        chunks, bad_chunks = self._read_rows("text_chunk_status")
         for c in np.flatnonzero(chunks == DONE).tolist() + bad_chunks:
             if c in bad_chunks:
                 reason = "text_chunk_status chunk unreadable"
@@ -412,13 +412,14 @@ class FeatureCache:
                 damaged.append({"text_chunk": int(c), "captions": list(self.text_chunk_range(c)), "reason": reason})
         return damaged
 
-    def _read_flags(self, name: str) -> tuple[np.ndarray, list[int]]:
-        """A status array read chunk by chunk: (values with unreadable ones as PENDING, unreadable indices)."""
+    def _read_rows(self, name: str) -> tuple[np.ndarray, list[int]]:
+        """A one-row-per-chunk array read whole, or row by row if that fails: (values, with unreadable rows as the
+        fill value: PENDING for a status array, "" for a string array; the unreadable indices)."""
         arr = self[name]
         try:
             return np.asarray(arr[:]), []
         except Exception:  # noqa: BLE001 - find which one-element chunks are bad
-            values, bad = np.zeros(arr.shape, dtype=np.int8), []
+            values, bad = np.full(arr.shape, arr.fill_value, dtype=np.asarray(arr[:0]).dtype), []
             for i in range(arr.shape[0]):
                 try:
                     values[i] = arr[i]
@@ -462,7 +463,7 @@ class FeatureCache:
 
     def describe(self, verify: bool = False) -> dict:
         """The facts `cli.py info` reports (JSON-serialisable); verify=True adds `damaged` (reads every chunk)."""
-        status = self._read_flags("video_status")[0]  # a damaged status chunk must not stop `info`
+        status = self._read_rows("video_status")[0]  # a damaged status chunk must not stop `info`
         split = self.video_split()
         text_split = split[self.text_video()] if self.n_texts else np.array([], dtype=object)
         shapes = {name: {"shape": list(self.group[name].shape), "dtype": str(self.group[name].dtype)}
@@ -473,7 +474,7 @@ class FeatureCache:
             "videos_done": int((status == DONE).sum()),
             "videos_total": self.n_videos,
             "texts": self.n_texts,
-            "text_chunks_done": int((self._read_flags("text_chunk_status")[0] == DONE).sum()),
+            "text_chunks_done": int((self._read_rows("text_chunk_status")[0] == DONE).sum()),
             "text_chunks_total": self.n_text_chunks,
             "texts_truncated": self.attrs["texts_truncated"],
             "failed": self.failures(),

@@ -125,6 +125,17 @@ def test_videos_changed_on_disk_are_extracted_again(extracted, tiny_dataset, cap
                                                                                    old_source.split()[2]]
 
 
+def test_an_unreadable_source_record_is_no_record(extracted, tiny_dataset):
+    summary, cache = extracted
+    before = _arrays(summary.cache)
+    (summary.cache / "video_source" / "c" / "1").write_bytes(b"\x00garbage")
+    os.utime(tiny_dataset / cache.video_ids()[1], ns=(1, 1))
+    torch.manual_seed(0)
+    run_extract(_cfg(tiny_dataset, summary.cache))  # no traceback: video 1 has nothing to compare, so it is kept
+    after = _arrays(summary.cache)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
 def test_crash_then_resume_equals_uninterrupted_run(extracted, tiny_dataset, tmp_path, monkeypatch):
     summary, _ = extracted
     reference = _arrays(summary.cache)
