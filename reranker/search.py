@@ -62,7 +62,8 @@ def search(cache_path: Path, run: Path, query: str, top: int = 10, top_k: int = 
     final = model.final_score(first[candidates].double(), logits.double()).numpy()
     ranked = list(candidates[np.argsort(-final, kind="stable")])
     rest = np.argsort(-first.numpy(), kind="stable")
-    ranked += [i for i in rest[: top + k] if i not in set(candidates)]
+    reranked = set(candidates.tolist())
+    ranked += [i for i in rest[: top + k] if i not in reranked]
     final_of = dict(zip(candidates.tolist(), final.tolist()))
     ids, paths = cache["video_ids"], cache["video_paths"]
     return [Hit(str(ids[feats.videos[i]]), str(paths[feats.videos[i]]), float(first[i]), final_of.get(int(i)))
