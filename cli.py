@@ -48,12 +48,14 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
-def _resolve_cache(cache: Path | None) -> Path:
-    """--cache, else the most recently written cache under cache/."""
+def _resolve_cache(cache: Path | None, run: Path | None = None) -> Path:
+    """--cache, else the cache the run (--run) was trained on, else the most recently written cache under cache/."""
     from pipeline.extract import CACHE_ROOT
 
     if cache is not None:
         return cache
+    if run is not None and (Path(run) / "config.json").is_file():
+        return Path(json.loads((Path(run) / "config.json").read_text())["cache"])
     found = sorted(CACHE_ROOT.glob("*/*.zarr"), key=lambda p: (p / "zarr.json").stat().st_mtime if (p / "zarr.json").exists() else 0)
     if not found:
         raise UserError(f"no cache under {CACHE_ROOT}/; run `python cli.py extract` first or pass --cache DIR")
@@ -232,7 +234,7 @@ def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives
 
 
 @main.command()
-@click.option("--cache", type=click.Path(path_type=Path), help="Cache folder [default: the most recent one].")
+@click.option("--cache", type=click.Path(path_type=Path), help="Cache folder [default: the one the run was trained on].")
 @click.option("--run", type=click.Path(path_type=Path), help="A train-reranker run folder.")
 @click.option("--split", default="test", show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=15, show_default=True,
@@ -246,7 +248,7 @@ def evaluate(cache, run, split, top_k, out, save_sims, zero_shot) -> None:
     from reranker.evaluate import EvalConfig, run_evaluate
     from reranker.metrics import format_table
 
-    cfg = EvalConfig(cache=_resolve_cache(cache), run=run, split=split, top_k=top_k, out=out, save_sims=save_sims,
+    cfg = EvalConfig(cache=_resolve_cache(cache, run), run=run, split=split, top_k=top_k, out=out, save_sims=save_sims,
                      zero_shot=zero_shot)
     results, where = run_evaluate(cfg)
     stages = {k: results[k] for k in ("first_stage", "two_stage") if k in results}
@@ -258,7 +260,7 @@ def evaluate(cache, run, split, top_k, out, save_sims, zero_shot) -> None:
 
 @main.command()
 @click.argument("query")
-@click.option("--cache", type=click.Path(path_type=Path), help="Cache folder [default: the most recent one].")
+@click.option("--cache", type=click.Path(path_type=Path), help="Cache folder [default: the one the run was trained on].")
 @click.option("--run", type=click.Path(path_type=Path), required=True, help="A train-reranker run folder.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Videos to print.")
 @click.option("--top-k", type=click.IntRange(min=1), default=15, show_default=True,
@@ -268,7 +270,7 @@ def search(query, cache, run, top, top_k) -> None:
     """Rank the cached videos for a text QUERY with both stages."""
     from reranker.search import search as run_search
 
-    hits = run_search(_resolve_cache(cache), run, query, top=top, top_k=top_k)
+    hits = run_search(_resolve_cache(cache, run), run, query, top=top, top_k=top_k)
     click.echo(f"{'rank':>4}  {'final':>8}  {'cosine':>7}  video")
     for rank, hit in enumerate(hits, 1):
         final = f"{hit.final:8.3f}" if hit.final is not None else f"{'-':>8}"

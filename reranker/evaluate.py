@@ -175,6 +175,7 @@ def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
     ev = _evaluate(model, feats, cfg.top_k, default_device(), cfg.zero_shot)
     out = Path(cfg.out) if cfg.out else (Path(cfg.run) if cfg.run else Path(cfg.cache).parent) / f"eval_{cfg.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    ev.results["cache"] = str(cache.path)  # which features these metrics are of
     write_text_atomic(out, json.dumps(ev.results, indent=2))
     truth = feats.text_video
     curves = {"first stage t2v": M.t2v_ranks(ev.first, truth)}

@@ -36,8 +36,10 @@ def test_json_schema_and_saved_matrices_reproduce_it(trained):
     results, where = run_evaluate(EvalConfig(cache=cache, run=run, top_k=4, out=tmp / "m.json", save_sims=tmp / "sims"))
     saved = json.loads((tmp / "m.json").read_text())
     assert saved == results
-    assert set(saved) == {"split", "n_videos", "n_texts", "top_k", "first_stage", "two_stage", "rerank_logit_spread"}
-    assert (saved["split"], saved["n_videos"], saved["n_texts"], saved["top_k"]) == ("test", 10, 30, 4)
+    assert set(saved) == {"split", "n_videos", "n_texts", "top_k", "first_stage", "two_stage", "rerank_logit_spread",
+                          "cache"}
+    assert (saved["split"], saved["n_videos"], saved["n_texts"], saved["top_k"], saved["cache"]) == ("test", 10, 30, 4,
+                                                                                                     str(cache))
     for stage in ("first_stage", "two_stage"):
         assert set(saved[stage]) == {"t2v", "v2t"} and set(saved[stage]["t2v"]) == KEYS
     first = np.load(tmp / "sims" / "first_stage_sims.npy")
@@ -136,3 +138,13 @@ def test_cli_prints_the_table(trained):
     assert "first_stage" in result.output and "two_stage" in result.output and "cli.png" in result.output
     bad = CliRunner().invoke(cli.main, ["evaluate", "--cache", str(cache), "--run", str(run), "--top-k", "50"])
     assert bad.exit_code == 2 and bad.output.startswith("error: --top-k 50")
+
+
+def test_without_cache_the_cli_takes_the_runs_own(trained, tmp_path, monkeypatch):
+    _, cache, run = trained
+    monkeypatch.chdir(tmp_path)  # a newer cache under ./cache/ that the run was not trained on
+    make_feature_cache(tmp_path / "cache" / "other" / "x.zarr", {"test": 12}, captions=3, seed=5)
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(cli.main, ["evaluate", "--run", str(run), "--top-k", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["cache"] == str(cache) and json.loads(out.read_text())["n_videos"] == 10
