@@ -100,6 +100,14 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
+def same_weights(a: dict, b: dict) -> bool:
+    """Whether two caches' (or a cache's and a run's) attributes name the same encoder weights: by SHA-256 when both
+    loaded a local file, so a moved or re-cloned checkout keeps its caches, else by the --pretrained tag."""
+    if a.get("pretrained_sha256") and b.get("pretrained_sha256"):
+        return a["pretrained_sha256"] == b["pretrained_sha256"]
+    return a.get("pretrained") == b.get("pretrained")
+
+
 def video_source(path: Path) -> str:
     """What identifies the bytes of a video file: "size mtime_ns sha256" (see FeatureCache.changed_videos)."""
     stat = path.stat()
@@ -266,6 +274,8 @@ class FeatureCache:
             cache = cls(path, mode="r+")
         wanted = spec.attrs(records, truncated)
         for key in _MATCH_KEYS:
+            if key == "pretrained" and cache.attrs.get("pretrained_sha256") and wanted["pretrained_sha256"]:
+                continue  # local weights files are compared by content (pretrained_sha256), wherever they lie
             if key == "text_layer" and key not in cache.attrs:
                 raise UserError(f"{path}: cache predates --text-layer and does not record which text block its "
                                 "text tokens come from; re-extract it with --overwrite")

@@ -148,3 +148,13 @@ def test_without_cache_the_cli_takes_the_runs_own(trained, tmp_path, monkeypatch
     result = CliRunner().invoke(cli.main, ["evaluate", "--run", str(run), "--top-k", "4", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["cache"] == str(cache) and json.loads(out.read_text())["n_videos"] == 10
+
+
+def test_a_run_and_a_cache_have_the_same_weights_by_content_wherever_they_lie():
+    from pipeline.cache import same_weights
+
+    a = {"pretrained": "/old/checkout/w.safetensors", "pretrained_sha256": "d7dd"}
+    assert same_weights(a, {"pretrained": "/new/clone/w.safetensors", "pretrained_sha256": "d7dd"})
+    assert not same_weights(a, {"pretrained": "/old/checkout/w.safetensors", "pretrained_sha256": "0000"})
+    assert same_weights({"pretrained": "openai", "pretrained_sha256": ""}, {"pretrained": "openai", "pretrained_sha256": ""})
+    assert not same_weights({"pretrained": "openai", "pretrained_sha256": ""}, {"pretrained": "laion2b", "pretrained_sha256": ""})

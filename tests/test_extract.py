@@ -182,6 +182,23 @@ def test_undecodable_videos_are_recorded_and_the_run_goes_on(tiny_dataset, tmp_p
     assert strict.exit_code == 1
 
 
+def test_a_moved_weights_file_keeps_its_cache(tiny_dataset, tmp_path):
+    import shutil
+
+    from pipeline.encoder import DEFAULT_MODEL, shipped_weights
+
+    here, moved = tmp_path / "a" / "w.safetensors", tmp_path / "b" / "w.safetensors"
+    for path in (here, moved):
+        path.parent.mkdir()
+        shutil.copy(shipped_weights(DEFAULT_MODEL), path)
+    run_extract(_cfg(tiny_dataset, tmp_path / "c.zarr", pretrained=str(here)))
+    again = run_extract(_cfg(tiny_dataset, tmp_path / "c.zarr", pretrained=str(moved)))  # a re-cloned checkout
+    assert again.videos_done == 5
+    moved.write_bytes(moved.read_bytes()[:-8] + b"\0" * 8)  # other weights at the same path: still refused
+    with pytest.raises(UserError, match="another pretrained_sha256"):
+        run_extract(_cfg(tiny_dataset, tmp_path / "c.zarr", pretrained=str(moved)))
+
+
 def test_cache_of_other_settings_is_refused_then_overwritten(extracted, tiny_dataset):
     summary, _ = extracted
     with pytest.raises(UserError, match=r"another frames \(12 != 8\); pass --overwrite"):
