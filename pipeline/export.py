@@ -10,13 +10,17 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.cache import FeatureCache
+from pipeline.errors import UserError
 
-_STRINGS = ("video_ids", "video_paths", "video_split", "video_error", "captions")
+_STRINGS = ("video_ids", "video_paths", "video_split", "video_error", "video_source", "captions")
 
 
 def export_h5(cache: FeatureCache, out: Path, progress: bool = True) -> Path:
     """Copy every array (and the metadata as attributes) into out, written atomically."""
     out = Path(out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise UserError(f"{out}: {'is a folder' if out.is_dir() else 'its folder does not exist'}; "
+                        "pass --out a file path in an existing folder")
     tmp = out.with_name(f".{out.name}.partial")
     with h5py.File(tmp, "w") as h5:
         h5.attrs.update({k: (str(v) if v is None or isinstance(v, (dict, list)) else v) for k, v in cache.attrs.items()})

@@ -300,7 +300,11 @@ def test_info_json_and_export_h5(extracted, tmp_path):
         for name in FEATURES:
             np.testing.assert_array_equal(h5[name][:], cache[name][:])
         assert [s.decode() for s in h5["video_ids"][:]] == cache.video_ids().tolist()
+        assert [s.decode() for s in h5["video_source"][:]] == [str(s) for s in cache["video_source"][:]]
         assert h5.attrs["model"] == "CrossTVR-Tiny"
+    for bad, why in ((tmp_path, "is a folder"), (tmp_path / "no" / "f.h5", "its folder does not exist")):
+        result = CliRunner().invoke(cli.main, ["export-h5", "--cache", str(summary.cache), "--out", str(bad)])
+        assert result.exit_code == 2 and f"{bad}: {why}; pass --out" in result.output, result.output
 
 
 def test_missing_data_root_is_one_line(tmp_path):
