@@ -98,6 +98,9 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     data_root = Path(cfg.data_root) if cfg.data_root else default_data_root(cfg.dataset)
     records = load_records(cfg.dataset, data_root)
     missing = missing_videos(records)
+    if records and len(missing) == len(records):
+        raise UserError(f"{data_root}: none of the {len(records)} annotated videos is there (first: {missing[0].path}); "
+                        "put the videos under --data-root (found by file stem, in any subfolder)")
     if missing:
         first = ", ".join(str(r.path) for r in missing[:3])
         log.warning("%d of %d annotated videos are missing on disk (first: %s); they are recorded as failed",

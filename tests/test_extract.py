@@ -307,6 +307,15 @@ def test_info_json_and_export_h5(extracted, tmp_path):
         assert result.exit_code == 2 and f"{bad}: {why}; pass --out" in result.output, result.output
 
 
+def test_annotations_without_any_video_are_one_line(tiny_dataset, tmp_path):
+    for video in (tiny_dataset / "videos").iterdir():
+        video.unlink()
+    result = CliRunner().invoke(cli.main, ["extract", "--dataset", "manifest", "--data-root", str(tiny_dataset),
+                                           "--cache", str(tmp_path / "c.zarr")])
+    assert result.exit_code == 2 and "none of the 5 annotated videos is there (first: " in result.output
+    assert not (tmp_path / "c.zarr").exists()  # no caption work for a cache of nothing
+
+
 def test_missing_data_root_is_one_line(tmp_path):
     result = CliRunner().invoke(cli.main, ["extract", "--dataset", "msvd", "--data-root", str(tmp_path / "nope")])
     assert result.exit_code == 2
