@@ -138,6 +138,8 @@ def test_cli_prints_the_table(trained):
     assert "first_stage" in result.output and "two_stage" in result.output and "cli.png" in result.output
     bad = CliRunner().invoke(cli.main, ["evaluate", "--cache", str(cache), "--run", str(run), "--top-k", "50"])
     assert bad.exit_code == 2 and bad.output.startswith("error: --top-k 50")
+    zero = CliRunner().invoke(cli.main, ["evaluate", "--cache", str(cache), "--run", str(run), "--top-k", "0"])
+    assert zero.exit_code == 2 and "Invalid value for '--top-k'" in zero.output
 
 
 def test_without_cache_the_cli_takes_the_runs_own(trained, tmp_path, monkeypatch):
