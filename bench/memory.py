@@ -27,6 +27,12 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 1e6
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident set (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1e3  # kB
+
+
 def child(cache: str, run: str, steps: int, batch: int) -> None:
     import torch  # noqa: F401 - the baseline includes the libraries
 
@@ -38,7 +44,7 @@ def child(cache: str, run: str, steps: int, batch: int) -> None:
     cfg = T.TrainConfig(cache=cache, run=run, epochs=1, batch_size=batch, val_split="", dim=64, heads=4,
                         checkpoint_every=max(steps, 1))
     T.train(cfg, progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # kB on Linux
+    peak = peak_rss_mb()  # not ru_maxrss: on Linux it keeps the parent's peak through fork and exec
     print(json.dumps({"baseline_mb": base, "peak_mb": peak}))
 
 

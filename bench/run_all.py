@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = {  # name -> extra options of the documented run (docs/benchmarks.md)
-    "cache_vs_live": ["--model", "ViT-B-32", "--frames", "12"],
+    "cache_vs_live": ["--model", "ViT-B-32", "--frames", "12", "--batch", "24"],
     "extract": ["--model", "ViT-B-32"],
     "eval_scaling": [],
     "cache_io": [],
