@@ -326,7 +326,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     feats = SplitFeatures.open(cache, cfg.split, cfg.allow_partial)
     val = None
     if cfg.val_split and cfg.val_split in set(cache.video_split().tolist()):
-        val = SplitFeatures.open(cache, cfg.val_split, cfg.allow_partial)
+        try:
+            val = SplitFeatures.open(cache, cfg.val_split, cfg.allow_partial)
+        except UserError as e:
+            if not cfg.allow_partial:
+                raise
+            log.warning("no validation (%s): best.pt is the epoch of lowest training loss", e)
     videos = int(feats.has_captions.sum())  # with captions: those a step can use
     if videos < 2:
         raise UserError(f"{cache.path}: split '{cfg.split}' has {videos} video(s) with captions; training needs at least 2")

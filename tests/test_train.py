@@ -155,7 +155,7 @@ def test_without_a_val_split_best_is_the_epoch_of_lowest_loss(cache, tmp_path, m
     assert load_checkpoint(run / "best.pt")["step"] == min(losses, key=losses.get)
 
 
-def test_allow_partial_trains_on_the_videos_whose_captions_are_done(cache, tmp_path):
+def test_allow_partial_trains_on_the_videos_whose_captions_are_done(cache, tmp_path, caplog):
     from pipeline.cache import PENDING, FeatureCache
 
     FeatureCache(cache, mode="r+").group["text_chunk_status"][0] = PENDING  # captions of train0..train7 pending
@@ -164,6 +164,12 @@ def test_allow_partial_trains_on_the_videos_whose_captions_are_done(cache, tmp_p
     assert SplitFeatures.open(FeatureCache(cache), "test").n_texts == 12  # other splits are whole: not refused
     run = train(_cfg(cache, tmp_path / "partial", allow_partial=True, epochs=3), progress=False)
     assert load_checkpoint(run / "last.pt")["step"] == 3 * 4  # the 8 videos with captions, 2 anchors a step
+    # an extract stopped during the train split leaves val with nothing done: training goes on without validation
+    writable = FeatureCache(cache, mode="r+")
+    writable.mark_pending([{"video": "", "index": i} for i in range(16, 22)])  # the 6 val videos
+    run = train(_cfg(cache, tmp_path / "no_val", allow_partial=True), progress=False)
+    assert [r["val_two_stage_t2v"] for r in _log(run) if "val_two_stage_t2v" in r] == [None]
+    assert "no validation" in caplog.text and "split 'val' has no extracted videos" in caplog.text
 
 
 def test_torchrun_processes_need_two_anchors_each(cache, tmp_path, monkeypatch):
