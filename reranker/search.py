@@ -44,6 +44,8 @@ def query_encoder(cache: FeatureCache) -> FrozenEncoder:
 @torch.no_grad()
 def search(cache_path: Path, run: Path, query: str, top: int = 10, top_k: int = 15) -> list[Hit]:
     """Rank every extracted video of the cache for a text query: first stage, then top-K re-scored."""
+    if not query.strip():
+        raise UserError("search: the query is empty; pass the text to search for, e.g. \"a red circle moves left\"")
     cache = FeatureCache(cache_path)
     model, state = load_model(run)
     check_compatible(state["cache_signature"], cache, run)

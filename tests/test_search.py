@@ -41,6 +41,8 @@ def test_search_ranks_candidates_first_by_final_score(setup):
     result = CliRunner().invoke(cli.main, ["search", "clip number 3", "--cache", str(cache), "--run", str(run), "--top", "3"])
     assert result.exit_code == 0, result.output
     assert len(result.output.strip().splitlines()) == 4
+    empty = CliRunner().invoke(cli.main, ["search", "  ", "--cache", str(cache), "--run", str(run)])
+    assert empty.exit_code == 2 and "search: the query is empty" in empty.output
 
 
 def test_search_refuses_other_weights(setup):
