@@ -217,12 +217,13 @@ def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives
 
     if resume and run is None:
         raise UserError("--resume needs --run DIR (the run to continue)")
-    ctx = click.get_current_context()
-    given = [f"--{name.replace('_', '-')}" for name in ctx.params if name not in ("run", "resume", "cache")
-             and ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
-    if resume and given:
-        raise UserError(f"{run}: --resume continues the run with the options it started with (its config.json); "
-                        f"drop {', '.join(given)} or start a new --run")
+    if resume:
+        ctx = click.get_current_context()
+        given = [f"--{name.replace('_', '-')}" for name in ctx.params if name not in ("run", "resume", "cache")
+                 and ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise UserError(f"{run}: --resume continues the run with the options it started with (its config.json); "
+                            f"drop {', '.join(given)} or start a new --run")
     cfg = TrainConfig(cache=str(_resolve_cache(cache)) if not resume else str(cache or ""), run=str(run or ""), split=split,
                       epochs=epochs, batch_size=batch_size, hard_negatives=hard_negatives,
                       neighbour_negatives=neighbour_negatives, lr=lr, temporal=temporal,

@@ -100,12 +100,14 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
-def same_weights(a: dict, b: dict) -> bool:
-    """Whether two caches' (or a cache's and a run's) attributes name the same encoder weights: by SHA-256 when both
-    loaded a local file, so a moved or re-cloned checkout keeps its caches, else by the --pretrained tag."""
-    if a.get("pretrained_sha256") and b.get("pretrained_sha256"):
-        return a["pretrained_sha256"] == b["pretrained_sha256"]
-    return a.get("pretrained") == b.get("pretrained")
+def first_mismatch(have: dict, want: dict, keys) -> str | None:
+    """The first of keys whose values differ between two caches' (or a cache's and a run's) attributes, or None.
+
+    Encoder weights loaded from a local file on both sides are compared by content (pretrained_sha256), not by
+    their path, so a moved or re-cloned checkout keeps its caches and runs; a --pretrained tag by its name.
+    """
+    by_content = bool(have.get("pretrained_sha256") and want.get("pretrained_sha256"))
+    return next((k for k in keys if not (k == "pretrained" and by_content) and have.get(k) != want.get(k)), None)
 
 
 def video_source(path: Path) -> str:
@@ -273,18 +275,16 @@ class FeatureCache:
                 os.rename(tmp, path)
             cache = cls(path, mode="r+")
         wanted = spec.attrs(records, truncated)
-        for key in _MATCH_KEYS:
-            if key == "pretrained" and cache.attrs.get("pretrained_sha256") and wanted["pretrained_sha256"]:
-                continue  # local weights files are compared by content (pretrained_sha256), wherever they lie
-            if key == "text_layer" and key not in cache.attrs:
-                raise UserError(f"{path}: cache predates --text-layer and does not record which text block its "
-                                "text tokens come from; re-extract it with --overwrite")
-            if cache.attrs.get(key) != wanted[key]:
-                what = "video list or captions" if key == "records_sha256" else key
-                raise UserError(
-                    f"{path}: cache was built with another {what} ({cache.attrs.get(key)!r} != {wanted[key]!r}); "
-                    "pass --overwrite to rebuild it or --cache to use another folder"
-                )
+        key = first_mismatch(cache.attrs, wanted, _MATCH_KEYS)
+        if key == "text_layer" and key not in cache.attrs:
+            raise UserError(f"{path}: cache predates --text-layer and does not record which text block its "
+                            "text tokens come from; re-extract it with --overwrite")
+        if key is not None:
+            what = "video list or captions" if key == "records_sha256" else key
+            raise UserError(
+                f"{path}: cache was built with another {what} ({cache.attrs.get(key)!r} != {wanted[key]!r}); "
+                "pass --overwrite to rebuild it or --cache to use another folder"
+            )
         return cache
 
     # -- shapes and metadata ------------------------------------------------------------------
@@ -429,7 +429,7 @@ class FeatureCache:
         try:
             return np.asarray(arr[:]), []
         except Exception:  # noqa: BLE001 - find which one-element chunks are bad
-            values, bad = np.full(arr.shape, arr.fill_value, dtype=np.asarray(arr[:0]).dtype), []
+            values, bad = np.full(arr.shape, arr.fill_value, dtype=arr.dtype), []
             for i in range(arr.shape[0]):
                 try:
                     values[i] = arr[i]

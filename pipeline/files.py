@@ -16,7 +16,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file whole or not at all: a temp file beside it, then a rename over it."""
     tmp = path.with_name(f".{path.name}.part")

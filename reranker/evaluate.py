@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache import FeatureCache, same_weights
+from pipeline.cache import FeatureCache, first_mismatch
 from pipeline.encoder import autocast, default_device
 from pipeline.errors import UserError
 from pipeline.files import write_text_atomic
@@ -147,14 +147,12 @@ class EvalConfig:
 def check_compatible(trained_on: dict, cache: FeatureCache, run: Path) -> None:
     """Refuse a run trained on a cache made with another model, weights or dimensions."""
     here = cache_signature(cache)
-    for key, value in trained_on.items():
-        if key == "pretrained" and same_weights(trained_on, here):
-            continue
-        if here.get(key) != value:
-            raise UserError(
-                f"{run}: trained on a cache with {key}={value!r}, but {cache.path} has {here.get(key)!r}; "
-                "evaluate it on a cache made with the same model and settings"
-            )
+    key = first_mismatch(trained_on, here, trained_on)
+    if key is not None:
+        raise UserError(
+            f"{run}: trained on a cache with {key}={trained_on[key]!r}, but {cache.path} has {here.get(key)!r}; "
+            "evaluate it on a cache made with the same model and settings"
+        )
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:

@@ -153,7 +153,10 @@ def test_without_cache_the_cli_takes_the_runs_own(trained, tmp_path, monkeypatch
 
 
 def test_a_run_and_a_cache_have_the_same_weights_by_content_wherever_they_lie():
-    from pipeline.cache import same_weights
+    from pipeline.cache import first_mismatch
+
+    def same_weights(a, b):
+        return first_mismatch(a, b, ("pretrained", "pretrained_sha256")) is None
 
     a = {"pretrained": "/old/checkout/w.safetensors", "pretrained_sha256": "d7dd"}
     assert same_weights(a, {"pretrained": "/new/clone/w.safetensors", "pretrained_sha256": "d7dd"})
