@@ -40,6 +40,7 @@ def main() -> None:
 
     import logging
 
+    import open_clip  # noqa: F401 - imported (~2 s the first time) before t_setup, which run_extract does not pay again
     import torch
 
     from pipeline.cache import TEXT_CHUNK, FeatureCache
