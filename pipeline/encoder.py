@@ -114,9 +114,15 @@ def _load_model(model_name: str, pretrained: str | None):
     if pretrained and Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") and not Path(pretrained).is_file():
         raise UserError(f"{pretrained}: checkpoint file not found; pass --pretrained an existing file or an open_clip tag")
     try:
-        model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
-    except Exception as e:  # noqa: BLE001 - any download/lookup failure gets the same advice
+        # weights_only (open_clip's default, kept explicit): a local .pt is read without running pickled code
+        model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None,
+                                                            weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any download, lookup or load failure is one line
         reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        if pretrained and Path(pretrained).is_file():  # torch.load says only "101" of a text file: name the type too
+            reason = type(e).__name__ + (f": {reason}" if reason != type(e).__name__ else "")
+            raise UserError(f"{pretrained}: not a checkpoint open_clip can load ({reason}); "
+                            "pass a .pt/.safetensors checkpoint or a --pretrained tag") from None
         raise UserError(
             f"could not load pretrained weights '{pretrained}' for {model_name} ({reason}); without network access "
             f"pass a local checkpoint: --pretrained /path/to/{model_name}.safetensors (or .bin/.pt)"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 
 import numpy as np
 import open_clip
@@ -149,6 +151,34 @@ def test_loading_errors_are_one_line(model, pretrained, message):
     with pytest.raises(UserError, match=message) as err:
         FrozenEncoder(model, pretrained=pretrained, device=torch.device("cpu"))
     assert "\n" not in str(err.value)
+
+
+class _Payload:
+    """Pickled, it opens a file when unpickled: what weights_only=True must refuse to run."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+@pytest.mark.parametrize(
+    "name, write, reason",
+    [
+        ("notes.txt", lambda p: p.write_text("a caption file, not weights\n"), r"\w+Error"),  # as torch.load says
+        ("empty.pt", lambda p: p.write_bytes(b""), "EOFError"),
+        ("payload.pt", lambda p: p.write_bytes(pickle.dumps(_Payload(p.with_name("PWNED")))), "UnpicklingError"),
+    ],
+)
+def test_a_local_file_that_is_no_checkpoint_is_one_line(tmp_path, name, write, reason):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(UserError) as err:
+        FrozenEncoder(DEFAULT_MODEL, pretrained=str(path), device=torch.device("cpu"))
+    assert re.fullmatch(rf"{re.escape(str(path))}: not a checkpoint open_clip can load \({reason}[^\n]*\); "
+                        r"pass a \.pt/\.safetensors checkpoint or a --pretrained tag", str(err.value)), str(err.value)
+    assert not (tmp_path / "PWNED").exists()  # loaded weights_only: the pickled call never ran
 
 
 def test_text_tower_without_resblocks_is_refused(monkeypatch):
