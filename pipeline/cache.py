@@ -110,6 +110,12 @@ def first_mismatch(have: dict, want: dict, keys) -> str | None:
     return next((k for k in keys if not (k == "pretrained" and by_content) and have.get(k) != want.get(k)), None)
 
 
+def check_cache_folder(path: Path) -> None:
+    """Refuse a --cache that names a file: every command would otherwise take it for a missing cache."""
+    if Path(path).is_file():
+        raise UserError(f"{path}: is a file, not a cache folder; pass --cache a folder path (e.g. cache/x.zarr)")
+
+
 def video_source(path: Path) -> str:
     """What identifies the bytes of a video file: "size mtime_ns sha256" (see FeatureCache.changed_videos)."""
     stat = path.stat()
@@ -219,6 +225,7 @@ class FeatureCache:
 
     def __init__(self, path: Path, mode: str = "r") -> None:
         self.path = Path(path)
+        check_cache_folder(self.path)
         if not (self.path / "zarr.json").is_file():
             raise UserError(f"{self.path}: no feature cache here; run `python cli.py extract` first or pass --cache DIR")
         store = DurableStore(self.path, read_only=(mode == "r"))

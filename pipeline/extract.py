@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import DEFAULT_COMPRESSION, DONE, CacheSpec, FeatureCache, video_source
+from pipeline.cache import DEFAULT_COMPRESSION, DONE, CacheSpec, FeatureCache, check_cache_folder, video_source
 from pipeline.datasets import default_data_root, load_records
 from pipeline.decode import DecodedVideo, DecodeError, decode_video
 from pipeline.encoder import DEFAULT_MODEL, FrozenEncoder
@@ -95,6 +95,8 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         raise UserError("--overwrite with several shards would let one shard delete another's work; rebuild once without --shard")
     if cfg.repair and shard_count > 1:
         raise UserError("--repair checks the whole cache; run it once without --shard while no shard is running")
+    path = Path(cfg.cache) if cfg.cache else default_cache_path(cfg.dataset, cfg.model)
+    check_cache_folder(path)  # now, not after the encoder has loaded
     data_root = Path(cfg.data_root) if cfg.data_root else default_data_root(cfg.dataset)
     records = load_records(cfg.dataset, data_root)
     missing = missing_videos(records)
@@ -120,7 +122,6 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         max_text_tokens=encoder.max_text_tokens, num_patches=info.num_patches, patch_width=info.patch_width,
         text_width=info.text_width, embed_dim=info.embed_dim, compression=cfg.compression,
     )
-    path = Path(cfg.cache) if cfg.cache else default_cache_path(cfg.dataset, cfg.model)
     try:
         cache = FeatureCache.open_or_create(path, spec, records, lengths, int(truncated.sum()), overwrite=cfg.overwrite)
         log.info("cache %s (model %s, weights %s, shard %d/%d)", path, info.model, info.pretrained or "RANDOM",

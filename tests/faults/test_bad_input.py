@@ -147,3 +147,16 @@ def test_bad_annotations_are_one_line_through_the_cli(tmp_path, case):
     assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
     assert file in result.output and fix in result.output
     assert not (root / "PWNED").exists() and not (tmp_path / "c.zarr").exists()
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("extract", []), ("info", []), ("export-h5", ["--out", "x.h5"]), ("train-reranker", ["--run", "run"]),
+    ("evaluate", ["--run", "run"]), ("search", ["a red circle", "--run", "run"]),
+])
+def test_a_cache_that_is_a_file_is_one_line_in_every_command(tmp_path, monkeypatch, command, extra):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "features.h5").write_bytes(b"\x89HDF\r\n\x1a\n")  # e.g. the export-h5 output given as --cache
+    result = CliRunner().invoke(cli.main, [command, *extra, "--cache", "features.h5"])
+    assert result.exit_code == 2, result.output
+    assert result.output == ("error: features.h5: is a file, not a cache folder; "
+                             "pass --cache a folder path (e.g. cache/x.zarr)\n")
