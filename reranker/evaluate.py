@@ -172,7 +172,11 @@ def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
         model, state = load_model(cfg.run)
         check_compatible(state["cache_signature"], cache, cfg.run)
     feats = SplitFeatures.open(cache, cfg.split)
-    ev = _evaluate(model, feats, cfg.top_k, default_device(), cfg.zero_shot)
+    # As training's validation does: a split smaller than --top-k has all its videos re-scored.
+    top_k = min(cfg.top_k, feats.n_videos)
+    if top_k < cfg.top_k and not cfg.zero_shot:
+        log.info("--top-k %d > %d videos in '%s': reranking all %d", cfg.top_k, feats.n_videos, cfg.split, top_k)
+    ev = _evaluate(model, feats, top_k, default_device(), cfg.zero_shot)
     out = Path(cfg.out) if cfg.out else (Path(cfg.run) if cfg.run else Path(cfg.cache).parent) / f"eval_{cfg.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     ev.results["cache"] = str(cache.path)  # which features these metrics are of

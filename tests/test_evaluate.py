@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -119,10 +120,21 @@ def test_zero_shot_equals_raw_clip_cosine(trained, monkeypatch, bf16):
     np.testing.assert_allclose(np.load(tmp / "zs" / "first_stage_sims.npy"), text @ video.T, atol=1e-5)
 
 
+def test_top_k_beyond_the_split_reranks_all_its_videos(trained, caplog):
+    tmp, cache, run = trained
+    with caplog.at_level(logging.INFO, logger="reranker.evaluate"):
+        results, where = run_evaluate(EvalConfig(cache=cache, run=run, top_k=15, out=tmp / "k15.json"))
+    assert "--top-k 15 > 10 videos in 'test': reranking all 10" in caplog.messages
+    assert results["top_k"] == json.loads((tmp / "k15.json").read_text())["top_k"] == 10  # the K actually used
+    every, _ = run_evaluate(EvalConfig(cache=cache, run=run, top_k=10, out=tmp / "k10.json"))
+    assert results["two_stage"] == every["two_stage"]
+
+
 def test_refusals(trained, tmp_path):
     tmp, cache, run = trained
-    with pytest.raises(UserError, match="--top-k 11: split 'test' has only 10"):
-        run_evaluate(EvalConfig(cache=cache, run=run, top_k=11))
+    model, _ = load_model(run)
+    with pytest.raises(UserError, match="--top-k 11: split 'test' has only 10"):  # the API does not clamp
+        evaluate_split(model, SplitFeatures.open(FeatureCache(cache), "test"), 11)
     with pytest.raises(UserError, match="split 'val' has no videos"):
         run_evaluate(EvalConfig(cache=cache, run=run, split="val"))
     other = make_feature_cache(tmp_path / "o.zarr", {"test": 5}, frames=6)
@@ -136,8 +148,9 @@ def test_cli_prints_the_table(trained):
                                            "--out", str(tmp / "cli.json")])
     assert result.exit_code == 0, result.output
     assert "first_stage" in result.output and "two_stage" in result.output and "cli.png" in result.output
-    bad = CliRunner().invoke(cli.main, ["evaluate", "--cache", str(cache), "--run", str(run), "--top-k", "50"])
-    assert bad.exit_code == 2 and bad.output.startswith("error: --top-k 50")
+    wide = CliRunner().invoke(cli.main, ["evaluate", "--cache", str(cache), "--run", str(run), "--top-k", "50",
+                                         "--out", str(tmp / "wide.json")])
+    assert wide.exit_code == 0 and "test: 10 videos, 30 captions, top-K 10" in wide.output, wide.output
     zero = CliRunner().invoke(cli.main, ["evaluate", "--cache", str(cache), "--run", str(run), "--top-k", "0"])
     assert zero.exit_code == 2 and "Invalid value for '--top-k'" in zero.output
 
