@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -35,6 +36,13 @@ def _friendly(fn):
             sys.exit(2)
 
     return wrapper
+
+
+def _interrupted(what: str) -> NoReturn:
+    """Ctrl-C: one line saying what is kept and how to go on (not click's bare "Aborted!"), exit status 130."""
+    # The leading newline ends the line that the terminal's ^C (or a progress bar) is on, as click's own "Aborted!".
+    click.echo(f"\ninterrupted: {what}", err=True)
+    sys.exit(130)  # 128 + SIGINT, as a shell reports it
 
 
 @click.group()
@@ -91,13 +99,18 @@ def extract(dataset, data_root, cache, model, pretrained, frames, patch_layer, t
             workers, shard, overwrite, strict, repair) -> None:
     """Stage one: decode each video once, run the frozen encoder once, store features in a Zarr cache."""
     from pipeline.encoder import DEFAULT_MODEL
-    from pipeline.extract import ExtractConfig, run_extract
+    from pipeline.extract import ExtractConfig, default_cache_path, run_extract
 
-    cfg = ExtractConfig(dataset=dataset, data_root=data_root, cache=cache, model=model or DEFAULT_MODEL,
+    model = model or DEFAULT_MODEL
+    cache = cache or default_cache_path(dataset, model)
+    cfg = ExtractConfig(dataset=dataset, data_root=data_root, cache=cache, model=model,
                         pretrained=pretrained, frames=frames, patch_layer=patch_layer, text_layer=text_layer,
                         max_text_tokens=max_text_tokens, batch_videos=batch_videos, workers=workers, shard=shard,
                         overwrite=overwrite, repair=repair)
-    summary = run_extract(cfg)
+    try:
+        summary = run_extract(cfg)
+    except KeyboardInterrupt:
+        _interrupted(f"finished videos and caption chunks are kept in {cache}; run the same command to continue")
     if repair:
         click.echo(f"repaired {len(summary.repaired)} damaged video(s)/caption chunk(s)")
     click.echo(f"cache {summary.cache}: {summary.videos_done}/{summary.videos_total} videos done, {summary.texts} captions")
@@ -213,7 +226,7 @@ def make_synthetic_cmd(out, videos, seed, size, seconds, clutter) -> None:
 def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives, neighbour_negatives, lr, temporal,
                    spatial, share_attention, dim, queries, heads, layers, seed, checkpoint_every, allow_partial) -> None:
     """Stage two: train the first stage and the reranker from cached tensors only."""
-    from reranker.train import TrainConfig, train
+    from reranker.train import TrainConfig, default_run_path, train
 
     if resume and run is None:
         raise UserError("--resume needs --run DIR (the run to continue)")
@@ -224,13 +237,19 @@ def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives
         if given:
             raise UserError(f"{run}: --resume continues the run with the options it started with (its config.json); "
                             f"drop {', '.join(given)} or start a new --run")
-    cfg = TrainConfig(cache=str(_resolve_cache(cache)) if not resume else str(cache or ""), run=str(run or ""), split=split,
+    run = run or default_run_path()  # named here, so that a Ctrl-C can say where the run is
+    cfg = TrainConfig(cache=str(_resolve_cache(cache)) if not resume else str(cache or ""), run=str(run), split=split,
                       epochs=epochs, batch_size=batch_size, hard_negatives=hard_negatives,
                       neighbour_negatives=neighbour_negatives, lr=lr, temporal=temporal,
                       spatial=spatial, share_attention=share_attention, dim=dim, n_queries=queries, heads=heads,
                       layers=layers, seed=seed, checkpoint_every=checkpoint_every,
                       allow_partial=allow_partial)
-    path = train(cfg, resume=resume)
+    try:
+        path = train(cfg, resume=resume)
+    except KeyboardInterrupt:
+        _interrupted(f"the last checkpoint is in {run}; continue with train-reranker --run {run} --resume"
+                     if (run / "last.pt").exists()
+                     else f"no checkpoint in {run} yet; run the same command to start again")
     click.echo(f"run {path}: best.pt, last.pt, log.jsonl")
 
 

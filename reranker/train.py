@@ -56,6 +56,11 @@ class TrainConfig:
     allow_partial: bool = False
 
 
+def default_run_path() -> Path:
+    """runs/<timestamp>: where a run goes without --run."""
+    return Path(f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def model_config_for(cache: FeatureCache, cfg: TrainConfig) -> ModelConfig:
     """The model's widths come from the cache; the rest from the training options."""
     a = cache.attrs
@@ -312,7 +317,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
     device = default_device()
     rank, world = _distributed(device)
-    run = Path(cfg.run or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    run = Path(cfg.run) if cfg.run else default_run_path()
     if resume:
         if not (run / "config.json").is_file():
             raise UserError(f"{run}: nothing to resume (no config.json); start it without --resume")

@@ -322,6 +322,19 @@ def test_missing_data_root_is_one_line(tmp_path):
     assert result.output.count("\n") == 1 and "nope" in result.output and "--data-root" in result.output
 
 
+@pytest.mark.parametrize("cache_option, cache", [(["--cache", "c.zarr"], "c.zarr"),
+                                                  ([], "cache/synthetic/CrossTVR-Tiny.zarr")])
+def test_ctrl_c_says_what_is_kept_and_how_to_continue(monkeypatch, cache_option, cache):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pipeline.extract.run_extract", interrupted)
+    result = CliRunner().invoke(cli.main, ["extract", *cache_option])
+    assert result.exit_code == 130
+    assert result.output == (f"\ninterrupted: finished videos and caption chunks are kept in {cache}; "
+                             "run the same command to continue\n")
+
+
 @pytest.mark.realdata
 def test_real_msvd_clips_all_extracted(tmp_path):
     root = REAL_DATA / "msvd"

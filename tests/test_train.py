@@ -228,6 +228,49 @@ def test_reranker_size_options_reach_the_run_and_bad_ones_are_one_line(cache, tm
         assert not bad.exists()  # refused before anything is written
 
 
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(cache, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import cli
+    import reranker.train as T
+
+    original = T._forward
+    calls = {"n": 0}
+
+    def interrupted_at_step_five(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(T, "_forward", interrupted_at_step_five)
+    result = CliRunner().invoke(cli.main, ["train-reranker", "--cache", str(cache), "--run", str(run), "--epochs", "1",
+                                           "--batch-size", "8", "--dim", "32", "--heads", "2",
+                                           "--checkpoint-every", "3"])
+    assert result.exit_code == 130
+    assert result.output.endswith(  # after the progress bar's last line
+        f"\ninterrupted: the last checkpoint is in {run}; continue with train-reranker --run {run} --resume\n")
+    resumed = CliRunner().invoke(cli.main, ["train-reranker", "--run", str(run), "--resume"])  # as the line says
+    assert resumed.exit_code == 0, resumed.output
+    assert load_checkpoint(run / "last.pt")["step"] == _log(run)[-1]["step"] > 5
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_to_start_again(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import cli
+
+    def interrupted(cfg, resume):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("reranker.train.train", interrupted)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli.main, ["train-reranker", "--cache", str(tmp_path / "c.zarr"), "--run", str(run)])
+    assert result.exit_code == 130
+    assert result.output == f"\ninterrupted: no checkpoint in {run} yet; run the same command to start again\n"
+
+
 def test_gradient_averaging_puts_each_mean_back_in_its_own_gradient(tmp_path):
     import torch.distributed as dist
 
