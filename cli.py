@@ -237,6 +237,9 @@ def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives
         if given:
             raise UserError(f"{run}: --resume continues the run with the options it started with (its config.json); "
                             f"drop {', '.join(given)} or start a new --run")
+    if share_attention and spatial != "attention":  # ModelConfig refuses it too, but in its own field names
+        raise UserError(f"--share-attention needs --spatial attention "
+                        f"(there is nothing to share with --spatial {spatial})")
     run = run or default_run_path()  # named here, so that a Ctrl-C can say where the run is
     cfg = TrainConfig(cache=str(_resolve_cache(cache)) if not resume else str(cache or ""), run=str(run), split=split,
                       epochs=epochs, batch_size=batch_size, hard_negatives=hard_negatives,

@@ -228,6 +228,20 @@ def test_reranker_size_options_reach_the_run_and_bad_ones_are_one_line(cache, tm
         assert not bad.exists()  # refused before anything is written
 
 
+def test_share_attention_without_spatial_attention_names_the_options(cache, tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+
+    for spatial in ([], ["--spatial", "cls"]):
+        run = tmp_path / f"shared{len(spatial)}"
+        result = CliRunner().invoke(cli.main, ["train-reranker", "--cache", str(cache), "--run", str(run),
+                                               "--share-attention", *spatial])
+        assert result.exit_code == 2 and not run.exists()
+        assert result.output == ("error: --share-attention needs --spatial attention (there is nothing to share "
+                                 f"with --spatial {spatial[1] if spatial else 'flat'})\n")
+
+
 def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(cache, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
