@@ -218,13 +218,18 @@ def make_synthetic_cmd(out, videos, seed, size, seconds, clutter) -> None:
 @click.option("--queries", default=4, show_default=True, help="Learnable queries beside the caption's tokens.")
 @click.option("--heads", default=4, show_default=True, help="Attention heads of the reranker.")
 @click.option("--layers", default=1, show_default=True, help="Cross-attention blocks per stage.")
+@click.option("--patch-pool", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Average k x k neighbouring patches before the reranker reads them (1 when k does not divide the "
+                   "grid or would leave 1 x 1). 1 keeps every patch: slower, and what colour-shape binding needs "
+                   "(bench/binding.py).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Steps between checkpoints.")
 @click.option("--allow-partial", is_flag=True, help="Train on a cache whose extraction is unfinished.")
 @_friendly
 def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives, neighbour_negatives, lr, temporal,
-                   spatial, share_attention, dim, queries, heads, layers, seed, checkpoint_every, allow_partial) -> None:
+                   spatial, share_attention, dim, queries, heads, layers, patch_pool, seed, checkpoint_every,
+                   allow_partial) -> None:
     """Stage two: train the first stage and the reranker from cached tensors only."""
     from reranker.train import TrainConfig, default_run_path, train
 
@@ -245,7 +250,7 @@ def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives
                       epochs=epochs, batch_size=batch_size, hard_negatives=hard_negatives,
                       neighbour_negatives=neighbour_negatives, lr=lr, temporal=temporal,
                       spatial=spatial, share_attention=share_attention, dim=dim, n_queries=queries, heads=heads,
-                      layers=layers, seed=seed, checkpoint_every=checkpoint_every,
+                      layers=layers, patch_pool=patch_pool, seed=seed, checkpoint_every=checkpoint_every,
                       allow_partial=allow_partial)
     try:
         path = train(cfg, resume=resume)

@@ -218,6 +218,15 @@ def test_reranker_size_options_reach_the_run_and_bad_ones_are_one_line(cache, tm
     model = load_model(run)[0].reranker
     assert model.queries.shape == (5, 48) and len(model.spatial_blocks) == len(model.temporal_blocks) == 2
     assert model.spatial_blocks[0].cross.heads == 3
+    grid4 = make_feature_cache(tmp_path / "grid4.zarr", {"train": 16}, patches=16)  # 4 x 4 patches
+    for pool, keys in ((2, 4), (1, 16)):
+        run = tmp_path / f"pool{pool}"
+        flags = ["--patch-pool", "1"] if pool == 1 else []  # default 2
+        result = CliRunner().invoke(cli.main, ["train-reranker", "--cache", str(grid4), "--run", str(run), "--epochs", "1",
+                                               "--batch-size", "8", "--spatial", "attention", "--dim", "32"] + flags)
+        assert result.exit_code == 0, result.output
+        model = load_model(run)[0].reranker
+        assert model.config.patch_pool == pool and model.patch_pos.shape[0] == keys
     for flags, says in ((["--dim", "30", "--heads", "4"], "dim 30 is not divisible by heads 4"),
                         (["--layers", "0"], "dim, heads and layers must be >= 1, got 128, 4, 0"),
                         (["--queries", "0"], "n_queries must be >= 1")):
