@@ -163,6 +163,7 @@ class _Payload:
         return (open, (str(self.target), "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch says so of the planted payload
 @pytest.mark.parametrize(
     "name, write, reason",
     [
