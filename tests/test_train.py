@@ -29,6 +29,21 @@ def _log(run):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+def _interrupt_step(monkeypatch, n: int) -> None:
+    """Training's n-th step raises KeyboardInterrupt (a kill or a Ctrl-C) instead of running."""
+    import reranker.train as T
+
+    original, calls = T._forward, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(T, "_forward", interrupted)
+
+
 def test_training_reads_only_the_cache_and_the_loss_decreases(cache, tmp_path, monkeypatch):
     import pipeline.decode
     import pipeline.encoder
@@ -58,15 +73,7 @@ def test_resume_after_a_kill_gives_the_same_weights(cache, tmp_path, monkeypatch
     import reranker.train as T
 
     original = T._forward
-    calls = {"n": 0}
-
-    def killed_at_step_five(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(T, "_forward", killed_at_step_five)
+    _interrupt_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(cache, tmp_path / "killed"), progress=False)
     assert load_checkpoint(tmp_path / "killed" / "last.pt")["step"] == 3  # the last checkpoint before the kill
@@ -255,19 +262,9 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(cache, tmp_path, 
     from click.testing import CliRunner
 
     import cli
-    import reranker.train as T
-
-    original = T._forward
-    calls = {"n": 0}
-
-    def interrupted_at_step_five(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(T, "_forward", interrupted_at_step_five)
+    _interrupt_step(monkeypatch, 5)
     result = CliRunner().invoke(cli.main, ["train-reranker", "--cache", str(cache), "--run", str(run), "--epochs", "1",
                                            "--batch-size", "8", "--dim", "32", "--heads", "2",
                                            "--checkpoint-every", "3"])
