@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common import final, header, table  # common puts the repository on sys.path
 
@@ -29,7 +28,8 @@ from pipeline.cache import FeatureCache
 from pipeline.encoder import FrozenEncoder
 from pipeline.synthetic import COLOURS, SHAPE_WORDS, read_scenes
 from reranker.data import SplitFeatures
-from reranker.model import Reranker
+from reranker.model import CrossTVR, Reranker
+from reranker.search import query_encoder
 from reranker.train import TrainConfig, model_config_for
 
 SHAPE_OF = {word: shape for shape, words in SHAPE_WORDS.items() for word in words}
@@ -113,8 +113,7 @@ def train_variant(cache: FeatureCache, spatial: str, pool: int, pairs: dict, ste
     train = pairs["train"]
     for _ in range(steps):
         idx = torch.randint(len(train), (batch,), generator=draw)
-        pos, neg = train.logits(model, idx, 0), train.logits(model, idx, 1)
-        loss = F.binary_cross_entropy_with_logits(torch.cat([pos, neg]), torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]))
+        loss = CrossTVR.matching_loss(train.logits(model, idx, 0), train.logits(model, idx, 1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -138,8 +137,7 @@ def main() -> None:
     variants = [(s, int(p)) for s, p in (v.split(":") for v in args.variant or default)]
 
     cache = FeatureCache(args.cache)
-    a = cache.attrs
-    encoder = FrozenEncoder(a["model"], a["pretrained"], text_layer=a["text_layer"], max_text_tokens=a["max_text_tokens"])
+    encoder = query_encoder(cache)  # the weights and text block the cache's own captions were encoded with
     # clutter counts too: a swap naming an unnamed look-alike in the corner would be true
     objects_of = {row["video"]: {o.key for o in row["scene"].objects + row["scene"].clutter}
                   for row in read_scenes(args.data_root)}
@@ -151,7 +149,7 @@ def main() -> None:
     for spatial, pool in variants:
         t0 = time.time()
         model = train_variant(cache, spatial, pool, pairs, args.steps, args.batch, args.seed)
-        keys = a["num_patches"] // model.config.patch_pool**2
+        keys = cache.attrs["num_patches"] // model.config.patch_pool**2
         train_acc, test_acc = pairs["train"].accuracy(model), pairs["test"].accuracy(model)
         name = f"{spatial}:{model.config.patch_pool}"
         rows.append([name, keys, train_acc, test_acc, time.time() - t0])
