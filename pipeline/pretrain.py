@@ -30,7 +30,7 @@ from tqdm import tqdm
 from pipeline.encoder import DEFAULT_MODEL, WEIGHTS_DIR, register_model_configs
 from pipeline.errors import UserError
 from pipeline.files import file_sha256, write_text_atomic
-from pipeline.synthetic import BACKGROUND, COLOURS, SHAPES, Scene, _captions, render_frame, sample_frame_scene
+from pipeline.synthetic import BACKGROUND, COLOURS, SHAPES, Scene, frame_captions, render_frame, sample_frame_scene
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ def make_batch(rng: np.random.Generator, batch_size: int, size: int, patch: int,
         twin = binding_twin(scene, rng) if rng.random() < twin_rate and len(frames) + 2 <= batch_size else None
         pair = [(scene, twin), (twin, scene)] if twin is not None else [(scene, None)]
         for s, other in pair:
-            # _captions is synthetic.py's caption maker; `against` keeps only captions that are false for the twin.
-            texts = _captions(s, rng, static=True, against=other) or _captions(s, rng, static=True)
+            # `against` keeps only captions that are false for the twin.
+            texts = frame_captions(s, rng, against=other) or frame_captions(s, rng)
             frame = render_frame(s, size)
             colour, shape = _patch_labels(frame, s, patch)
             frames.append(frame)
@@ -257,7 +257,7 @@ def frame_probe_report(weights: str | Path | None, frames: int = 2000, retrieval
         scene = sample_frame_scene(rng)
         scenes.append(scene)
         images.append(render_frame(scene, size))
-        texts = _captions(scene, rng, static=True)
+        texts = frame_captions(scene, rng)
         captions.append(texts[int(rng.integers(len(texts)))])
     images = np.stack(images)
     patch, emb = [], []

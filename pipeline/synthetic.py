@@ -568,12 +568,15 @@ def _templates(scene: Scene, static: bool) -> list[Template]:
     return out
 
 
-def _captions(scene: Scene, rng: np.random.Generator, static: bool = False, against: Scene | None = None) -> list[str]:
-    """Three to five distinct true captions; with `against`, each one is false for that scene."""
+def _captions(
+    scene: Scene, rng: np.random.Generator, static: bool = False, against: Scene | None = None
+) -> list[Caption]:
+    """Three to five distinct true captions, each with the facts it states; with `against`, each one is false for
+    that scene."""
     makers = _templates(scene, static)
     ruled_out = scene_facts(against) if against is not None else None
     want = int(rng.integers(3, 6))
-    out: list[str] = []
+    out: dict[str, frozenset] = {}
     for attempt in range(200):
         if attempt % len(makers) == 0:
             order = rng.permutation(len(makers))  # go through every template before repeating one
@@ -581,19 +584,21 @@ def _captions(scene: Scene, rng: np.random.Generator, static: bool = False, agai
         if ruled_out is not None and fs <= ruled_out:
             continue
         if text not in out:
-            out.append(text)
+            out[text] = frozenset(fs)
             if len(out) == want:
                 break
-    return out
+    return list(out.items())
 
 
-def frame_captions(scene: Scene, rng: np.random.Generator) -> list[str]:
-    """Three to five captions of a still scene: shapes, colours, sizes and positions only."""
-    return _captions(scene, rng, static=True)
+def frame_captions(scene: Scene, rng: np.random.Generator, against: Scene | None = None) -> list[str]:
+    """Three to five captions of a still scene: shapes, colours, sizes and positions only; with `against`, each one
+    is false for that scene (none when no such caption exists)."""
+    return [text for text, _ in _captions(scene, rng, static=True, against=against)]
 
 
-def video_captions(scene: Scene, rng: np.random.Generator, twin: Scene | None = None) -> list[str]:
-    """Three to five captions of a video scene; with a twin, every caption is false for the twin."""
+def video_captions(scene: Scene, rng: np.random.Generator, twin: Scene | None = None) -> list[Caption]:
+    """Three to five captions of a video scene, each with the facts it states; with a twin, every caption is false
+    for the twin."""
     return _captions(scene, rng, against=twin)
 
 
@@ -608,6 +613,7 @@ class PlannedVideo:
     group: int
     scene: Scene
     captions: tuple[str, ...]
+    facts: tuple[frozenset, ...]  # what each caption states: true of a scene iff a subset of scene_facts(scene)
     split: str
     twin_kind: str | None
     twin_of: str | None
@@ -638,12 +644,13 @@ def plan(videos: int, seed: int, clutter: int = 0) -> list[PlannedVideo]:
         ids = [f"videos/v{len(out) + m:05d}.mp4" for m in range(len(members))]
         for m, s in enumerate(members):
             other = members[1 - m] if len(members) == 2 else None
-            caption_rng = np.random.default_rng([seed, group, m, 1])
+            captions = video_captions(s, np.random.default_rng([seed, group, m, 1]), other)
             out.append(PlannedVideo(
                 video=ids[m],
                 group=group,
                 scene=s,
-                captions=tuple(video_captions(s, caption_rng, other)),
+                captions=tuple(text for text, _ in captions),
+                facts=tuple(fs for _, fs in captions),
                 split=SPLIT_CYCLE[group % len(SPLIT_CYCLE)],
                 twin_kind=kind if other is not None else None,
                 twin_of=ids[1 - m] if other is not None else None,
@@ -782,3 +789,30 @@ def read_scenes(data_root: Path) -> list[dict]:
         raise UserError(f"{path}: not found; generate the set with make-synthetic --out {data_root}")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [{**row, "scene": Scene.from_json(row["scene"])} for row in rows]
+
+
+def read_plan(data_root: Path) -> list[PlannedVideo]:
+    """The set's annotations with the facts each caption states, made again from its params.json (plan is
+    deterministic); refused when they are not the set's own scenes and captions (a set made by another version)."""
+    data_root = Path(data_root)
+    rows = read_scenes(data_root)
+    params = json.loads((data_root / "params.json").read_text(encoding="utf-8"))
+    clutter = params.get("clutter", 0)
+    planned = plan(len(rows), params["seed"], clutter)
+    with open(data_root / "manifest.csv", newline="", encoding="utf-8") as f:
+        captions = [(row["video"], row["caption"]) for row in csv.DictReader(f)]
+    if [(p.video, p.scene) for p in planned] != [(r["video"], r["scene"]) for r in rows] or \
+            [(p.video, c) for p in planned for c in p.captions] != captions:
+        again = f"make-synthetic --out {data_root} --videos {len(rows)} --seed {params['seed']}"
+        raise UserError(f"{data_root}: its scenes or captions are not what this version of make-synthetic makes "
+                        f"from its params.json; make the set again ({again}{f' --clutter {clutter}' if clutter else ''})")
+    return planned
+
+
+def true_of(planned: Sequence[PlannedVideo]) -> dict[tuple[str, str], int]:
+    """(video, caption) -> of how many of these videos the caption is true (its own included).
+
+    A caption true of n videos caps R@1: a ranker that knows every fact still has to guess among n.
+    """
+    facts = [scene_facts(p.scene) for p in planned]
+    return {(p.video, c): sum(fs <= f for f in facts) for p in planned for c, fs in zip(p.captions, p.facts)}

@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
-from synthetic_twins import twin_separation  # noqa: E402
+from synthetic_twins import per_kind_r1, twin_separation  # noqa: E402
 
 
 def test_twin_separation_counts_only_captions_whose_candidates_hold_both():
@@ -39,3 +40,18 @@ def test_twin_separation_counts_only_captions_whose_candidates_hold_both():
         assert got[kind]["pairs"] == e["pairs"] > 0
         for name in ("first_stage", "reranker", "final"):
             assert got[kind][name] == 100.0 * e[name] / e["pairs"]
+
+
+def test_per_kind_r1_against_a_loop_over_the_captions():
+    rng = np.random.default_rng(1)
+    truth = np.repeat(np.arange(8), 4)  # 32 captions
+    kind_of_video = np.array(["colour", "colour", "order", "order", "None", "None", "position", "position"],
+                             dtype=object)
+    sims = rng.normal(size=(len(truth), 8))
+    sims[np.arange(len(truth)), truth] += 1.0
+    got = per_kind_r1(sims, truth, kind_of_video)
+    hits = [int(np.argmax(sims[i]) == v) for i, v in enumerate(truth)]
+    expected = {"all": 100.0 * np.mean(hits)}
+    for kind, name in (("colour", "colour"), ("order", "order"), ("position", "position"), ("None", "no twin")):
+        expected[name] = 100.0 * np.mean([h for h, v in zip(hits, truth) if kind_of_video[v] == kind])
+    assert got == pytest.approx(expected) and 0 < got["all"] < 100

@@ -37,10 +37,13 @@ from pipeline.synthetic import (
     frame_captions,
     make_synthetic,
     plan,
+    read_plan,
     read_scenes,
     render_frame,
     render_video,
     sample_frame_scene,
+    scene_facts,
+    true_of,
 )
 
 N_VIDEOS = 10
@@ -367,6 +370,36 @@ def test_twins_differ_in_one_attribute_and_captions_are_false_for_the_twin():
             # Same frames in reverse order: mean pooling cannot tell the twins apart.
             assert np.array_equal(fb, fa[::-1])
             assert np.array_equal(fa.mean(0), fb.mean(0))
+
+
+def test_true_of_counts_the_videos_the_pixels_bear_a_caption_out_in():
+    planned = plan(60, 7)
+    tracks = {p.video: tracks_of(render_video(p.scene, SIZE, FRAMES)) for p in planned}
+    counts = true_of(planned)
+    assert len(counts) == sum(len(p.captions) for p in planned)
+    several = 0
+    for p in planned:
+        for caption, facts in zip(p.captions, p.facts):
+            assert facts <= scene_facts(p.scene) and (not p.twin_of or (p.twin_of, caption) not in counts)
+            seen_true = sum(caption_true(caption, tracks[q.video]) for q in planned)
+            n = counts[p.video, caption]
+            several += n > 1
+            # The facts relate only still objects; the pixel checker also relates a mover at its first frame.
+            relation = any(c[0] == "relation" for c in claims(caption))
+            assert n == seen_true if not relation else 1 <= n <= seen_true, (p.video, caption, n, seen_true)
+    assert several > 10  # captions true of several videos exist: what the fact oracle measures
+
+
+def test_read_plan_gives_the_sets_captions_and_refuses_another_version(generated, tmp_path):
+    planned = read_plan(generated)
+    assert {p.video: p.captions for p in planned} == {r.video_id: r.captions for r in read_manifest(generated)}
+    assert all(len(p.facts) == len(p.captions) for p in planned)
+    other = shutil.copytree(generated, tmp_path / "other", ignore=shutil.ignore_patterns("videos"))
+    manifest = other / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace(planned[0].captions[0], "a made up caption", 1))
+    with pytest.raises(UserError, match=rf"{re.escape(str(other))}: .*make-synthetic --out {re.escape(str(other))} "
+                                        rf"--videos {N_VIDEOS} --seed 0\)"):
+        read_plan(other)
 
 
 def test_scenes_jsonl_records_twins(generated):
