@@ -809,10 +809,10 @@ def read_plan(data_root: Path) -> list[PlannedVideo]:
     return planned
 
 
-def true_of(planned: Sequence[PlannedVideo]) -> dict[tuple[str, str], int]:
-    """(video, caption) -> of how many of these videos the caption is true (its own included).
+def true_of(planned: Sequence[PlannedVideo]) -> dict[tuple[str, str], frozenset[str]]:
+    """(video, caption) -> the videos among these that the caption is true of (its own included).
 
     A caption true of n videos caps R@1: a ranker that knows every fact still has to guess among n.
     """
-    facts = [scene_facts(p.scene) for p in planned]
-    return {(p.video, c): sum(fs <= f for f in facts) for p in planned for c, fs in zip(p.captions, p.facts)}
+    facts = [(p.video, scene_facts(p.scene)) for p in planned]
+    return {(p.video, c): frozenset(v for v, f in facts if fs <= f) for p in planned for c, fs in zip(p.captions, p.facts)}

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
-from synthetic_twins import per_kind_r1, twin_separation  # noqa: E402
+from synthetic_twins import per_kind_r1, top1_true, twin_separation  # noqa: E402
 
 
 def test_twin_separation_counts_only_captions_whose_candidates_hold_both():
@@ -55,3 +55,9 @@ def test_per_kind_r1_against_a_loop_over_the_captions():
     for kind, name in (("colour", "colour"), ("order", "order"), ("position", "position"), ("None", "no twin")):
         expected[name] = 100.0 * np.mean([h for h, v in zip(hits, truth) if kind_of_video[v] == kind])
     assert got == pytest.approx(expected) and 0 < got["all"] < 100
+
+
+def test_top1_true_credits_any_video_the_caption_is_true_of():
+    sims = np.array([[0.1, 0.9, 0.3], [0.8, 0.1, 0.2], [0.2, 0.3, 0.7]])
+    true_videos = [{0, 1}, {1}, {2, 0}]  # caption 0's top video 1 is not its own (0) but the caption holds there
+    assert top1_true(sims, true_videos).tolist() == [100.0, 0.0, 100.0]
