@@ -207,6 +207,8 @@ def make_synthetic_cmd(out, videos, seed, size, seconds, clutter) -> None:
               help="Negatives per caption from its top first-stage candidates.")
 @click.option("--neighbour-negatives", default=1, show_default=True,
               help="Negatives per caption from the videos nearest to its own video (near twins).")
+@click.option("--batch-negatives", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Negatives per caption from other anchors' groups in the step: random videos, no extra reads.")
 @click.option("--lr", default=2e-3, show_default=True)
 @click.option("--temporal", type=click.Choice(["mean", "transformer"]), default="mean", show_default=True)
 @click.option("--spatial", type=click.Choice(["attention", "cls", "flat"]), default="flat", show_default=True,
@@ -227,9 +229,9 @@ def make_synthetic_cmd(out, videos, seed, size, seconds, clutter) -> None:
               help="Steps between checkpoints.")
 @click.option("--allow-partial", is_flag=True, help="Train on a cache whose extraction is unfinished.")
 @_friendly
-def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives, neighbour_negatives, lr, temporal,
-                   spatial, share_attention, dim, queries, heads, layers, patch_pool, seed, checkpoint_every,
-                   allow_partial) -> None:
+def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives, neighbour_negatives, batch_negatives,
+                   lr, temporal, spatial, share_attention, dim, queries, heads, layers, patch_pool, seed,
+                   checkpoint_every, allow_partial) -> None:
     """Stage two: train the first stage and the reranker from cached tensors only."""
     from reranker.train import TrainConfig, default_run_path, train
 
@@ -248,7 +250,7 @@ def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives
     run = run or default_run_path()  # named here, so that a Ctrl-C can say where the run is
     cfg = TrainConfig(cache=str(_resolve_cache(cache)) if not resume else str(cache or ""), run=str(run), split=split,
                       epochs=epochs, batch_size=batch_size, hard_negatives=hard_negatives,
-                      neighbour_negatives=neighbour_negatives, lr=lr, temporal=temporal,
+                      neighbour_negatives=neighbour_negatives, batch_negatives=batch_negatives, lr=lr, temporal=temporal,
                       spatial=spatial, share_attention=share_attention, dim=dim, n_queries=queries, heads=heads,
                       layers=layers, patch_pool=patch_pool, seed=seed, checkpoint_every=checkpoint_every,
                       allow_partial=allow_partial)

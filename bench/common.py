@@ -263,11 +263,11 @@ def train_step(model, opt, batch: dict, device, grad_clip: float = 1.0) -> float
     import torch
 
     from pipeline.encoder import autocast
-    from reranker.train import _forward
+    from reranker.train import TrainConfig, _forward
 
     model.train()
     with autocast(device):
-        loss, _ = _forward(model, batch, device)
+        loss, _ = _forward(model, batch, device, TrainConfig.batch_negatives)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

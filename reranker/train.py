@@ -37,6 +37,7 @@ class TrainConfig:
     batch_size: int = 32  # captions (one per video) per step
     hard_negatives: int = 1  # the caption's top first-stage candidates, its own video excluded
     neighbour_negatives: int = 1  # the videos nearest to the caption's own video in the first stage (its twins)
+    batch_negatives: int = 2  # videos of other anchors' groups in the step (easy negatives; no extra reads)
     lr: float = 2e-3  # reranker
     first_stage_lr: float = 1e-4
     weight_decay: float = 0.01
@@ -231,8 +232,29 @@ def _read_step(feats: SplitFeatures, videos: np.ndarray, captions: np.ndarray, v
             "video_ids": videos, "caption_ids": captions}
 
 
-def _forward(model: CrossTVR, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """First-stage InfoNCE over the anchors, and the reranker's matching loss within every group.
+def _pairs(A: int, G: int, batch_negatives: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(caption rows, video rows) of the pairs a step scores, rows of its A groups of G.
+
+    Within a group every caption meets every video. Then each caption meets `batch_negatives` videos of other
+    groups: for k = 1..n, the (row + k) mod G-th member of the k-th next group, so its n videos come from n
+    different groups (n is capped at A - 1). Groups are shuffled, so these are random videos: easy negatives,
+    which teach the reranker what the first stage already knows (a named object missing, say) without any
+    extra read.
+    """
+    i, j = torch.meshgrid(torch.arange(G), torch.arange(G), indexing="ij")
+    base = (torch.arange(A) * G)[:, None]
+    text_rows, video_rows = (base + i.reshape(1, -1)).reshape(-1), (base + j.reshape(1, -1)).reshape(-1)
+    n = min(batch_negatives, A - 1)
+    if n > 0:
+        rows = torch.arange(A * G).repeat_interleave(n)
+        k = torch.arange(1, n + 1).repeat(A * G)
+        other = (rows // G + k) % A * G + (rows + k) % G
+        text_rows, video_rows = torch.cat([text_rows, rows]), torch.cat([video_rows, other])
+    return text_rows, video_rows
+
+
+def _forward(model: CrossTVR, batch: dict, device: torch.device, batch_negatives: int) -> tuple[torch.Tensor, dict]:
+    """First-stage InfoNCE over the anchors, and the reranker's matching loss on the step's pairs (_pairs).
 
     Within a group every caption meets every video: each video is a positive once and a negative for
     the others' captions, so the reranker cannot win by scoring videos (or captions) on their own.
@@ -247,15 +269,13 @@ def _forward(model: CrossTVR, batch: dict, device: torch.device) -> tuple[torch.
     r = model.reranker
     queries, qmask = r.encode_queries(t["text_tokens"], t["text_lengths"])  # [A*G, Q+L, D]
     frames = r.encode_frames(v.get("patch_tokens"), v.get("cls_tokens"))  # per video, shared by its pairs
-    i, j = torch.meshgrid(torch.arange(G), torch.arange(G), indexing="ij")
-    base = (torch.arange(A) * G)[:, None]
-    text_rows, video_rows = (base + i.reshape(1, -1)).reshape(-1), (base + j.reshape(1, -1)).reshape(-1)
+    text_rows, video_rows = _pairs(A, G, batch_negatives)
     ids = torch.from_numpy(batch["video_ids"].reshape(-1))
     positive = (ids[text_rows] == ids[video_rows]).to(device)  # the diagonal (a repeated video counts too)
     text_rows, video_rows = text_rows.to(device), video_rows.to(device)
     logits = r.match(queries[text_rows], qmask[text_rows], frames[video_rows], v["frame_mask"][video_rows])
     matching = model.matching_loss(logits[positive], logits[~positive])
-    per_caption = logits.float().view(A * G, G)  # each caption against its group's videos
+    per_caption = logits[: A * G * G].float().view(A * G, G)  # each caption against its group's videos
     diag = per_caption[torch.arange(A * G), torch.arange(A * G) % G]
     stats = {"contrastive": contrastive.item(), "matching": matching.item(),
              "logit_spread": per_caption.std(dim=1).mean().item(),
@@ -322,6 +342,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         if not (run / "config.json").is_file():
             raise UserError(f"{run}: nothing to resume (no config.json); start it without --resume")
         saved = json.loads((run / "config.json").read_text())
+        saved.setdefault("batch_negatives", 0)  # a run started before the option trained without them
         if cfg.cache and Path(cfg.cache).resolve() != Path(saved["cache"]).resolve():
             raise UserError(f"{run}: the run trains on {saved['cache']}, not {cfg.cache}; drop --cache or start a new --run")
         cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
@@ -419,7 +440,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
         with autocast(device):
-            loss, stats = _forward(model, batch, device)
+            loss, stats = _forward(model, batch, device, cfg.batch_negatives)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:

@@ -395,7 +395,7 @@ def test_a_step_reads_only_what_it_uses(cache, spatial, frame_arrays, monkeypatc
         assert torch.equal(value, everything_t[name])
     assert torch.equal(batch["anchor_frame_embeds"], everything_v["frame_embeds"][[0, 3]])
     assert torch.equal(batch["anchor_text_embeds"], everything_t["text_embeds"][[0, 3]])
-    loss, stats = _forward(model, batch, torch.device("cpu"))
+    loss, stats = _forward(model, batch, torch.device("cpu"), TrainConfig.batch_negatives)
     assert loss.isfinite() and stats["logit_spread"] >= 0
 
 
@@ -409,3 +409,20 @@ def test_patch_pool_keeps_at_least_a_2x2_grid(tmp_path):
 
     # 2 x 2 pooled to 1 x 1 would leave nothing after centring; 3 x 3 is not divisible; 4 x 4 -> 2 x 2
     assert (pool(4), pool(9), pool(16)) == (1, 1, 2)
+
+
+@pytest.mark.parametrize("A, G, n", [(5, 3, 2), (4, 2, 3), (3, 3, 5), (2, 4, 0)])
+def test_a_step_pairs_each_caption_with_its_group_and_with_videos_of_other_groups(A, G, n):
+    from reranker.train import _pairs
+
+    text_rows, video_rows = _pairs(A, G, n)
+    pairs = list(zip(text_rows.tolist(), video_rows.tolist()))
+    assert len(pairs) == len(set(pairs))  # no pair scored twice
+    used = min(n, A - 1)
+    for row in range(A * G):
+        group = row // G
+        videos = [v for t, v in pairs if t == row]
+        assert sorted(v for v in videos if v // G == group) == list(range(group * G, group * G + G))
+        others = [v // G for v in videos if v // G != group]
+        assert len(others) == used == len(set(others))  # each from another group
+    assert len(pairs) == A * G * (G + used)
