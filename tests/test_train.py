@@ -68,16 +68,21 @@ def test_training_reads_only_the_cache_and_the_loss_decreases(cache, tmp_path, m
     assert config["hard_negatives"] == 1 and config["neighbour_negatives"] == 1
 
 
-def test_resume_after_a_kill_gives_the_same_weights(cache, tmp_path, monkeypatch):
-    full = train(_cfg(cache, tmp_path / "full"), progress=False)
+@pytest.mark.parametrize("started_before_batch_negatives", [False, True])
+def test_resume_after_a_kill_gives_the_same_weights(cache, tmp_path, monkeypatch, started_before_batch_negatives):
+    kw = {"batch_negatives": 0} if started_before_batch_negatives else {}
+    full = train(_cfg(cache, tmp_path / "full", **kw), progress=False)
     import reranker.train as T
 
     original = T._forward
     _interrupt_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(cache, tmp_path / "killed"), progress=False)
+        train(_cfg(cache, tmp_path / "killed", **kw), progress=False)
     assert load_checkpoint(tmp_path / "killed" / "last.pt")["step"] == 3  # the last checkpoint before the kill
     monkeypatch.setattr(T, "_forward", original)
+    if started_before_batch_negatives:  # its config.json predates the option: it must resume without them
+        path = tmp_path / "killed" / "config.json"
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "batch_negatives"}))
     with open(tmp_path / "killed" / "log.jsonl", "a") as f:
         f.write('{"step": 5, "lo')  # a line the kill cut short
     train(TrainConfig(run=str(tmp_path / "killed")), resume=True, progress=False)
