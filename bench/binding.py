@@ -62,7 +62,7 @@ def false_swap(caption: str, objects: set[tuple[str, str]]) -> str | None:
 def binding_pairs(cache: FeatureCache, split: str, objects_of: dict[str, set]) -> tuple[SplitFeatures, np.ndarray, list[str]]:
     """The split's captions that have a false colour swap: (features, caption positions, swapped captions)."""
     feats = SplitFeatures.open(cache, split)
-    captions, ids = cache["captions"], cache.video_ids()
+    captions, ids = cache["captions"][:], cache.video_ids()  # whole: per-caption zarr indexing decodes a chunk each
     rows, swapped = [], []
     for p, (t, v) in enumerate(zip(feats.texts, feats.videos[feats.text_video])):
         swap = false_swap(str(captions[t]), objects_of[str(ids[v])])

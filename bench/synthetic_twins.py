@@ -99,7 +99,7 @@ def main() -> None:
     twin_of = np.array([position.get(twins.get(i), -1) for i in ids])  # split position of each video's twin, or -1
     truth, device = feats.text_video, default_device()
     true = true_of([p for p in read_plan(args.data_root) if p.split == args.split])
-    captions = cache["captions"]
+    captions = cache["captions"][:]  # whole: indexing the zarr array per caption decodes a chunk each time
     # split positions of the videos each caption is true of
     true_videos = [{position[i] for i in true[ids[v], str(captions[t])]} for t, v in zip(feats.texts, truth)]
     oracle = per_kind_mean(np.array([100.0 / len(videos) for videos in true_videos]), truth, kind_of_video)
