@@ -27,9 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cache import FeatureCache  # noqa: E402
-from pipeline.datasets.synthetic import twin_kinds  # noqa: E402
 from pipeline.encoder import default_device  # noqa: E402
-from pipeline.synthetic import read_plan, read_scenes, true_of  # noqa: E402
+from pipeline.synthetic import read_plan, true_of  # noqa: E402
 from reranker import metrics as M  # noqa: E402
 from reranker.data import SplitFeatures  # noqa: E402
 from reranker.evaluate import check_compatible, first_stage_sims, rerank  # noqa: E402
@@ -90,18 +89,19 @@ def main() -> None:
 
     cache = FeatureCache(args.cache)
     feats = SplitFeatures.open(cache, args.split)
-    kinds = twin_kinds(args.data_root)
-    twins = {Path(row["video"]).as_posix(): Path(row["twin_of"]).as_posix()
-             for row in read_scenes(args.data_root) if row.get("twin_of")}
+    planned = {p.video: p for p in read_plan(args.data_root)}
     ids = cache.video_ids()[feats.videos]
-    kind_of_video = np.array([str(kinds.get(i)) for i in ids], dtype=object)
-    position = {v: i for i, v in enumerate(ids)}
-    twin_of = np.array([position.get(twins.get(i), -1) for i in ids])  # split position of each video's twin, or -1
     truth, device = feats.text_video, default_device()
-    true = true_of([p for p in read_plan(args.data_root) if p.split == args.split])
+    true = true_of([p for p in planned.values() if p.split == args.split])
     captions = cache["captions"][:]  # whole: indexing the zarr array per caption decodes a chunk each time
-    # split positions of the videos each caption is true of
-    true_videos = [{position[i] for i in true[ids[v], str(captions[t])]} for t, v in zip(feats.texts, truth)]
+    pairs = [(ids[v], str(captions[t])) for t, v in zip(feats.texts, truth)]
+    if unknown := [f"{v}: {c!r}" for v, c in pairs if (v, c) not in true]:
+        sys.exit(f"{args.cache}: {len(unknown)} of its {args.split} captions (e.g. {unknown[0]}) are not in "
+                 f"{args.data_root}'s {args.split} split; pass the --data-root the cache was extracted from")
+    kind_of_video = np.array([str(planned[i].twin_kind) for i in ids], dtype=object)
+    position = {v: i for i, v in enumerate(ids)}
+    twin_of = np.array([position.get(planned[i].twin_of, -1) for i in ids])  # split position of each video's twin, or -1
+    true_videos = [{position[i] for i in true[pair]} for pair in pairs]  # split positions of the videos each caption is true of
     oracle = per_kind_mean(np.array([100.0 / len(videos) for videos in true_videos]), truth, kind_of_video)
     table: dict[str, dict] = {}
     for run in args.run:

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import cli
 from pipeline.datasets import ADAPTERS, GENERATED, _import_adapters
 from pipeline.datasets.manifest import read_manifest
-from pipeline.datasets.synthetic import load, twin_kinds
+from pipeline.datasets.synthetic import load
 from pipeline.decode import decode_video
 from pipeline.errors import UserError
 from pipeline.records import SPLITS
@@ -489,9 +489,6 @@ def test_adapter_generates_when_missing(generated, tmp_path):
     assert all(3 <= len(r.captions) <= 5 and r.path.is_file() for r in records)
     stamp = (root / "manifest.csv").stat().st_mtime_ns
     assert load(root, videos=N_VIDEOS) == records and (root / "manifest.csv").stat().st_mtime_ns == stamp
-    kinds = twin_kinds(root)
-    assert set(kinds) == {r.video_id for r in records}
-    assert set(kinds.values()) <= {None, *TWIN_ATTRIBUTE} and any(kinds.values())
     # A copy of an already generated set loads without generating.
     copy = tmp_path / "copy"
     shutil.copytree(generated, copy)

@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline.datasets import register
 from pipeline.datasets.manifest import read_manifest
 from pipeline.records import VideoRecord
-from pipeline.synthetic import make_synthetic, read_scenes
+from pipeline.synthetic import make_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,3 @@ def load(data_root: Path, *, videos: int = DEFAULT_VIDEOS) -> list[VideoRecord]:
         log.info("%s: no manifest.csv; generating the default synthetic set (%d videos) there", data_root, videos)
         make_synthetic(data_root, videos=videos)
     return read_manifest(data_root)
-
-
-def twin_kinds(data_root: Path) -> dict[str, str | None]:
-    """Video id (as in the records) -> twin kind (colour, direction, order, position) or None, from scenes.jsonl."""
-    return {Path(row["video"]).as_posix(): row["twin_kind"] for row in read_scenes(Path(data_root))}
