@@ -235,11 +235,12 @@ def _read_step(feats: SplitFeatures, videos: np.ndarray, captions: np.ndarray, v
 def _pairs(A: int, G: int, batch_negatives: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(caption rows, video rows) of the pairs a step scores, rows of its A groups of G.
 
-    Within a group every caption meets every video. Then each caption meets `batch_negatives` videos of other
-    groups: for k = 1..n, the (row + k) mod G-th member of the k-th next group, so its n videos come from n
-    different groups (n is capped at A - 1). Groups are shuffled, so these are random videos: easy negatives,
-    which teach the reranker what the first stage already knows (a named object missing, say) without any
-    extra read.
+    Within a group every caption meets every video: these come first, caption by caption (_forward reads the
+    first A * G * G logits as each caption against its group's G videos). Then each caption meets
+    `batch_negatives` videos of other groups: for k = 1..n, the (row + k) mod G-th member of the k-th next group,
+    so its n videos come from n different groups (n is capped at A - 1). Groups are shuffled, so these are random
+    videos: easy negatives, which teach the reranker what the first stage already knows (a named object missing,
+    say) without any extra read.
     """
     i, j = torch.meshgrid(torch.arange(G), torch.arange(G), indexing="ij")
     base = (torch.arange(A) * G)[:, None]

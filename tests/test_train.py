@@ -423,6 +423,8 @@ def test_a_step_pairs_each_caption_with_its_group_and_with_videos_of_other_group
     text_rows, video_rows = _pairs(A, G, n)
     pairs = list(zip(text_rows.tolist(), video_rows.tolist()))
     assert len(pairs) == len(set(pairs))  # no pair scored twice
+    # the group pairs first, caption by caption: _forward views the first A * G * G logits as [A * G, G]
+    assert pairs[: A * G * G] == [(row, row // G * G + j) for row in range(A * G) for j in range(G)]
     used = min(n, A - 1)
     for row in range(A * G):
         group = row // G
