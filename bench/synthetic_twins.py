@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,15 @@ def twin_separation(first: np.ndarray, candidates: np.ndarray, scores: dict[str,
     return out
 
 
+def not_in_split(ids: Sequence[str], pairs: Sequence[tuple[str, str]], planned: dict, true: dict,
+                 split: str) -> list[str]:
+    """The cache's videos of the split that the set does not hold in it or, when there are none, its (video, caption)
+    pairs that the set's plan does not: a cache extracted from another set (or seed) must not be scored against this
+    one's facts. A caption-less video is caught too."""
+    videos = [str(v) for v in ids if v not in planned or planned[v].split != split]
+    return videos or [f"{v}: {c!r}" for v, c in pairs if (v, c) not in true]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, required=True)
@@ -95,9 +105,9 @@ def main() -> None:
     true = true_of([p for p in planned.values() if p.split == args.split])
     captions = cache["captions"][:]  # whole: indexing the zarr array per caption decodes a chunk each time
     pairs = [(ids[v], str(captions[t])) for t, v in zip(feats.texts, truth)]
-    if unknown := [f"{v}: {c!r}" for v, c in pairs if (v, c) not in true]:
-        sys.exit(f"{args.cache}: {len(unknown)} of its {args.split} captions (e.g. {unknown[0]}) are not in "
-                 f"{args.data_root}'s {args.split} split; pass the --data-root the cache was extracted from")
+    if unknown := not_in_split(ids, pairs, planned, true, args.split):
+        sys.exit(f"{args.cache}: {len(unknown)} of its {args.split} videos or captions (e.g. {unknown[0]}) are not "
+                 f"in {args.data_root}'s {args.split} split; pass the --data-root the cache was extracted from")
     kind_of_video = np.array([str(planned[i].twin_kind) for i in ids], dtype=object)
     position = {v: i for i, v in enumerate(ids)}
     twin_of = np.array([position.get(planned[i].twin_of, -1) for i in ids])  # split position of each video's twin, or -1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
-from synthetic_twins import per_kind_r1, top1_true, twin_separation  # noqa: E402
+from synthetic_twins import not_in_split, per_kind_r1, top1_true, twin_separation  # noqa: E402
 
 
 def test_twin_separation_counts_only_captions_whose_candidates_hold_both():
@@ -61,3 +62,13 @@ def test_top1_true_credits_any_video_the_caption_is_true_of():
     sims = np.array([[0.1, 0.9, 0.3], [0.8, 0.1, 0.2], [0.2, 0.3, 0.7]])
     true_videos = [{0, 1}, {1}, {2, 0}]  # caption 0's top video 1 is not its own (0) but the caption holds there
     assert top1_true(sims, true_videos).tolist() == [100.0, 0.0, 100.0]
+
+
+def test_not_in_split_names_stray_videos_first_then_stray_captions():
+    planned = {v: SimpleNamespace(split=split) for v, split in (("v0", "test"), ("v1", "test"), ("v2", "train"))}
+    true = {("v0", "a red circle"): {"v0"}, ("v1", "a blue square"): {"v1"}}
+    pairs = [("v0", "a red circle"), ("v1", "a blue square")]
+    assert not_in_split(["v0", "v1"], pairs, planned, true, "test") == []
+    # a caption-less video the set does not hold, and one the set holds in another split
+    assert not_in_split(["v0", "v1", "v9", "v2"], pairs, planned, true, "test") == ["v9", "v2"]
+    assert not_in_split(["v0", "v1"], pairs + [("v1", "a green star")], planned, true, "test") == ["v1: 'a green star'"]
