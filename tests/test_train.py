@@ -95,6 +95,33 @@ def test_resume_after_a_kill_gives_the_same_weights(cache, tmp_path, monkeypatch
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+def test_one_seed_gives_the_same_weights_on_two_threads(tmp_path, monkeypatch):
+    # Big enough that the backward of a step's indexing (each video once per caption that meets it) runs on both
+    # threads: without deterministic algorithms, every one of five tries here had two of four runs apart.
+    cache = make_feature_cache(tmp_path / "c.zarr", {"train": 48, "val": 6}, frames=8, patches=16, width=64)
+    import reranker.train as T
+
+    original, enabled = T._forward, []
+
+    def spy(*args, **kwargs):
+        enabled.append(torch.are_deterministic_algorithms_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(T, "_forward", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [train(_cfg(cache, tmp_path / f"run{i}", batch_size=16, dim=64), progress=False) for i in range(4)]
+    finally:
+        torch.set_num_threads(threads)
+    assert enabled and all(enabled) and not torch.are_deterministic_algorithms_enabled()  # the caller's setting back
+    first = load_checkpoint(runs[0] / "last.pt")["model"]
+    for run in runs[1:]:
+        weights = load_checkpoint(run / "last.pt")["model"]
+        for k in first:
+            torch.testing.assert_close(weights[k], first[k], rtol=0, atol=0, msg=k)
+
+
 def test_damaged_checkpoint_falls_back_to_previous(tmp_path, caplog):
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"step": 1})
