@@ -191,7 +191,19 @@ def test_without_a_val_split_best_is_the_epoch_of_lowest_loss(cache, tmp_path, m
     assert [r for r in _log(run) if "val_two_stage_t2v" in r][0]["val_two_stage_t2v"] is None
     kept = [step for name, step in saved if name == "best.pt"]
     assert kept[0] == 8  # the first epoch is always kept (it was never, with best starting at -1 and losses > 1)
-    assert load_checkpoint(run / "best.pt")["step"] == min(losses, key=losses.get)
+    two_epochs = {s: (losses[s] + losses.get(s - 8, losses[s])) / 2 for s in losses}  # each with the epoch before
+    assert load_checkpoint(run / "best.pt")["step"] == min(two_epochs, key=two_epochs.get)
+
+
+def test_best_is_the_epoch_whose_validation_averaged_with_the_one_before_is_highest(cache, tmp_path, monkeypatch):
+    import reranker.evaluate
+
+    scores = iter([10.0, 50.0, 20.0, 40.0, 45.0])  # epoch 1 alone is the highest; averaged: 10, 30, 35, 30, 42.5
+    r1 = lambda *a, **k: {"two_stage": {"t2v": {"R@1": next(scores)}}, "rerank_logit_spread": 1.0}  # noqa: E731
+    monkeypatch.setattr(reranker.evaluate, "evaluate_split", r1)
+    run = train(_cfg(cache, tmp_path / "run", epochs=5), progress=False)
+    best = load_checkpoint(run / "best.pt")
+    assert best["step"] == 5 * 8 and best["best"] == 42.5
 
 
 def test_allow_partial_trains_on_the_videos_whose_captions_are_done(cache, tmp_path, caplog):
