@@ -272,14 +272,16 @@ def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives
 @click.option("--out", type=click.Path(path_type=Path), help="Metrics JSON [default: <run>/eval_<split>.json].")
 @click.option("--save-sims", type=click.Path(path_type=Path), help="Folder for the score matrices (.npy).")
 @click.option("--zero-shot", is_flag=True, help="Evaluate the untrained first stage (zero-shot CLIP).")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="The run's best.pt (by validation) or last.pt (the final epoch; JSON default eval_<split>_last.json).")
 @_friendly
-def evaluate(cache, run, split, top_k, out, save_sims, zero_shot) -> None:
+def evaluate(cache, run, split, top_k, out, save_sims, zero_shot, checkpoint) -> None:
     """First-stage retrieval over a split, top-K re-scored by the reranker: R@1/5/10, MdR, MnR."""
     from reranker.evaluate import EvalConfig, run_evaluate
     from reranker.metrics import format_table
 
     cfg = EvalConfig(cache=_resolve_cache(cache, run), run=run, split=split, top_k=top_k, out=out, save_sims=save_sims,
-                     zero_shot=zero_shot)
+                     zero_shot=zero_shot, checkpoint=checkpoint)
     results, where = run_evaluate(cfg)
     stages = {k: results[k] for k in ("first_stage", "two_stage") if k in results}
     click.echo(f"{results['split']}: {results['n_videos']} videos, {results['n_texts']} captions, top-K {results['top_k']}")

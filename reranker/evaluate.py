@@ -142,6 +142,7 @@ class EvalConfig:
     out: Path | None = None
     save_sims: Path | None = None
     zero_shot: bool = False
+    checkpoint: str = "best"  # of the run: 'best' (best.pt) or 'last' (last.pt)
 
 
 def check_compatible(trained_on: dict, cache: FeatureCache, run: Path) -> None:
@@ -169,7 +170,7 @@ def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
     else:
         if cfg.run is None:
             raise UserError("evaluate needs --run DIR (a train-reranker run) or --zero-shot")
-        model, state = load_model(cfg.run)
+        model, state = load_model(cfg.run, cfg.checkpoint)
         check_compatible(state["cache_signature"], cache, cfg.run)
     feats = SplitFeatures.open(cache, cfg.split)
     # As training's validation does: a split smaller than --top-k has all its videos re-scored.
@@ -177,9 +178,12 @@ def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
     if top_k < cfg.top_k and not cfg.zero_shot:
         log.info("--top-k %d > %d videos in '%s': reranking all %d", cfg.top_k, feats.n_videos, cfg.split, top_k)
     ev = _evaluate(model, feats, top_k, default_device(), cfg.zero_shot)
-    out = Path(cfg.out) if cfg.out else (Path(cfg.run) if cfg.run else Path(cfg.cache).parent) / f"eval_{cfg.split}.json"
+    name = f"eval_{cfg.split}{'_last' if cfg.checkpoint == 'last' and not cfg.zero_shot else ''}.json"
+    out = Path(cfg.out) if cfg.out else (Path(cfg.run) if cfg.run else Path(cfg.cache).parent) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     ev.results["cache"] = str(cache.path)  # which features these metrics are of
+    if not cfg.zero_shot:
+        ev.results["checkpoint"] = f"{cfg.checkpoint}.pt"
     write_text_atomic(out, json.dumps(ev.results, indent=2))
     truth = feats.text_video
     curves = {"first stage t2v": M.t2v_ranks(ev.first, truth)}

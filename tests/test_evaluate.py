@@ -38,7 +38,8 @@ def test_json_schema_and_saved_matrices_reproduce_it(trained):
     saved = json.loads((tmp / "m.json").read_text())
     assert saved == results
     assert set(saved) == {"split", "n_videos", "n_texts", "top_k", "first_stage", "two_stage", "rerank_logit_spread",
-                          "cache"}
+                          "cache", "checkpoint"}
+    assert saved["checkpoint"] == "best.pt"
     assert (saved["split"], saved["n_videos"], saved["n_texts"], saved["top_k"], saved["cache"]) == ("test", 10, 30, 4,
                                                                                                      str(cache))
     for stage in ("first_stage", "two_stage"):
@@ -153,6 +154,24 @@ def test_cli_prints_the_table(trained):
     assert wide.exit_code == 0 and "test: 10 videos, 30 captions, top-K 10" in wide.output, wide.output
     zero = CliRunner().invoke(cli.main, ["evaluate", "--cache", str(cache), "--run", str(run), "--top-k", "0"])
     assert zero.exit_code == 2 and "Invalid value for '--top-k'" in zero.output
+
+
+def test_checkpoint_last_evaluates_last_pt_into_its_own_json(trained, monkeypatch):
+    import reranker.evaluate
+
+    _, cache, run = trained
+    loaded, original = [], reranker.evaluate.load_model
+    monkeypatch.setattr(reranker.evaluate, "load_model", lambda r, which: loaded.append(which) or original(r, which))
+    result = CliRunner().invoke(cli.main, ["evaluate", "--cache", str(cache), "--run", str(run), "--top-k", "4",
+                                           "--checkpoint", "last"])
+    assert result.exit_code == 0, result.output
+    assert loaded == ["last"]
+    saved = json.loads((run / "eval_test_last.json").read_text())  # beside eval_test.json, not over it
+    model, _ = original(run, "last")
+    expected = evaluate_split(model, SplitFeatures.open(FeatureCache(cache), "test"), 4)
+    assert saved["checkpoint"] == "last.pt" and saved["two_stage"] == expected["two_stage"]
+    bad = CliRunner().invoke(cli.main, ["evaluate", "--run", str(run), "--checkpoint", "first"])
+    assert bad.exit_code == 2 and "Invalid value for '--checkpoint'" in bad.output
 
 
 def test_without_cache_the_cli_takes_the_runs_own(trained, tmp_path, monkeypatch):
