@@ -336,7 +336,7 @@ def deterministic() -> Iterator[None]:
 
     A step indexes each video's encoding once for every caption that meets it, and the backward of indexing with
     repeated rows sums those gradients in whatever order the threads finish: on 2 CPU threads two runs of one seed
-    drifted apart (weights 1e-4 apart after 70 steps; two-stage R@1 47.9 and 49.9 after 12 epochs). With them, one
+    drifted apart (weights 1e-4 apart after 70 steps, and further with every step). With them, one
     seed and one thread count give one run (one thread gave one run before too, and gives the same one now).
     warn_only: an op without a deterministic kernel (on CUDA) warns instead of stopping the run.
     """
