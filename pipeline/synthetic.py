@@ -36,6 +36,7 @@ import ffmpeg
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.datasets.common import read_csv
 from pipeline.errors import UserError
 from pipeline.files import write_text_atomic
 from pipeline.ffmpeg import ffmpeg_exe
@@ -799,8 +800,7 @@ def read_plan(data_root: Path) -> list[PlannedVideo]:
     params = json.loads((data_root / "params.json").read_text(encoding="utf-8"))
     clutter = params.get("clutter", 0)
     planned = plan(len(rows), params["seed"], clutter)
-    with open(data_root / "manifest.csv", newline="", encoding="utf-8") as f:
-        captions = [(row["video"], row["caption"]) for row in csv.DictReader(f)]
+    captions = [(row["video"], row["caption"]) for _, row in read_csv(data_root / "manifest.csv", ("video", "caption"))]
     if [(p.video, p.scene) for p in planned] != [(r["video"], r["scene"]) for r in rows] or \
             [(p.video, c) for p in planned for c in p.captions] != captions:
         again = f"make-synthetic --out {data_root} --videos {len(rows)} --seed {params['seed']}"
