@@ -336,8 +336,8 @@ def deterministic() -> Iterator[None]:
 
     A step indexes each video's encoding once for every caption that meets it, and the backward of indexing with
     repeated rows sums those gradients in whatever order the threads finish: on 2 CPU threads two runs of one seed
-    drifted apart (weights 1e-4 apart after 70 steps, and further with every step). With them, one
-    seed and one thread count give one run (one thread gave one run before too, and gives the same one now).
+    were 1e-4 apart in their weights after 70 steps. With them, one seed and one thread count give one run (one
+    thread gave one run before too, and gives the same one now).
     warn_only: an op without a deterministic kernel (on CUDA) warns instead of stopping the run.
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with it

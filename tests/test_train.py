@@ -97,7 +97,7 @@ def test_resume_after_a_kill_gives_the_same_weights(cache, tmp_path, monkeypatch
 
 def test_one_seed_gives_the_same_weights_on_two_threads(tmp_path, monkeypatch):
     # Big enough that the backward of a step's indexing (each video once per caption that meets it) runs on both
-    # threads: without deterministic algorithms, every one of five tries here had two of four runs apart.
+    # threads: without deterministic algorithms, each of five tries of these four runs had runs apart.
     cache = make_feature_cache(tmp_path / "c.zarr", {"train": 48, "val": 6}, frames=8, patches=16, width=64)
     import reranker.train as T
 
@@ -176,7 +176,7 @@ def test_refusals(tmp_path):
     assert not (tmp_path / "r3" / "last.pt").exists()
 
 
-def test_without_a_val_split_best_is_the_epoch_of_lowest_loss(cache, tmp_path, monkeypatch):
+def test_without_a_val_split_best_is_the_epoch_of_lowest_loss_over_two_epochs(cache, tmp_path, monkeypatch):
     import reranker.train as T
 
     saved, original = [], T.save_checkpoint
