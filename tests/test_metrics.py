@@ -170,6 +170,22 @@ def test_topk_descending_ties_to_lower_index():
     assert topk_candidates(first, 5).tolist() == [[3, 1, 2, 4, 0], [1, 3, 2, 4, 0]]
 
 
+def test_a_tie_at_the_cut_never_lets_the_truth_in():
+    first = np.array([[0.5, 0.5, 0.5, 0.9], [0.2, 0.7, 0.7, 0.1]])
+    truth = np.array([[True, False, False, False], [False, True, False, False]])
+    # row 0: the truth 0 ties with 1 and 2 for the second place; row 1: the truth 1 ties with 2 for the first
+    assert topk_candidates(first, 2, loses_ties=truth).tolist() == [[3, 1], [1, 2]]  # both tied ones fit in row 1
+    assert topk_candidates(first, 1, loses_ties=truth).tolist() == [[3], [2]]
+    assert topk_candidates(first, 2).tolist() == [[3, 0], [1, 2]]  # without it: ties to the lower index
+    # collapsed scores in both stages: the truth stays out of the re-scored set, so R@1 is 0, not 1 in N
+    flat = np.zeros((4, 4))
+    cand = topk_candidates(flat, 1, loses_ties=np.eye(4, dtype=bool))
+    assert not (cand[:, 0] == np.arange(4)).any()
+    assert metrics_from_ranks(rank_of_truth(two_stage_scores(flat, cand, np.zeros((4, 1))), np.arange(4)))["R@1"] == 0
+    with pytest.raises(ValueError, match="loses_ties"):
+        topk_candidates(first, 2, loses_ties=truth[:1])
+
+
 def test_k_larger_than_n_raises_naming_both():
     with pytest.raises(ValueError, match=r"5.*k=6"):
         topk_candidates(np.zeros((2, 5)), 6)
