@@ -284,7 +284,9 @@ def evaluate(cache, run, split, top_k, out, save_sims, zero_shot, checkpoint) ->
                      zero_shot=zero_shot, checkpoint=checkpoint)
     results, where = run_evaluate(cfg)
     stages = {k: results[k] for k in ("first_stage", "two_stage") if k in results}
-    click.echo(f"{results['split']}: {results['n_videos']} videos, {results['n_texts']} captions, top-K {results['top_k']}")
+    failed = f" ({results['n_videos_failed']} more failed extraction: left out)" if "n_videos_failed" in results else ""
+    k = f"top-K {results['top_k']}" if "top_k" in results else "zero-shot"
+    click.echo(f"{results['split']}: {results['n_videos']} videos{failed}, {results['n_texts']} captions, {k}")
     click.echo(format_table(stages))
     click.echo("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in where["seconds"].items()))
     click.echo(f"metrics {where['json']}\nplot    {where['plot']}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,8 +13,10 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from pipeline.cache import DONE, PENDING, FeatureCache
+from pipeline.cache import DONE, FAILED, PENDING, FeatureCache
 from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
 
 VIDEO_ARRAYS = ("patch_tokens", "cls_tokens", "frame_embeds", "frame_mask")
 TEXT_ARRAYS = ("text_tokens", "text_lengths", "text_embeds")
@@ -109,6 +112,8 @@ class SplitFeatures:
     text_video: np.ndarray  # for each caption of the split, the position of its video in `videos`
     frame_masks: np.ndarray  # [videos, T] bool
     text_lengths: np.ndarray  # [texts] int16
+    n_failed: int = 0  # videos of the split whose extraction failed: left out, with their captions
+    n_failed_texts: int = 0  # the captions of those videos
 
     @classmethod
     def open(cls, cache: FeatureCache, split: str | None, allow_partial: bool = False) -> "SplitFeatures":
@@ -133,7 +138,13 @@ class SplitFeatures:
                 f"{', captions pending' if texts_pending else ''}); finish `extract` "
                 "(train-reranker can start on what is done with --allow-partial)"
             )
-        videos = in_split[status == DONE]
+        videos, failed = in_split[status == DONE], in_split[status == FAILED]
+        n_failed_texts = int(np.isin(text_video_all, failed).sum())
+        if len(failed):
+            # Fewer videos make retrieval easier: metrics over the rest do not compare with a full split's.
+            log.warning("%s: %d video(s) of split '%s' failed extraction and are left out with their %d caption(s) "
+                        "(`python cli.py info --cache %s` lists why)", cache.path, len(failed), split, n_failed_texts,
+                        cache.path)
         position = np.full(cache.n_videos, -1, dtype=np.int64)
         position[videos] = np.arange(len(videos))
         text_done = np.repeat(chunks_done, cache.text_chunk)[: cache.n_texts]
@@ -141,7 +152,7 @@ class SplitFeatures:
         if len(videos) == 0 or len(texts) == 0:
             raise UserError(f"{cache.path}: split '{split}' has no extracted videos with captions; run `extract` first")
         return cls(cache, split, videos, texts, position[text_video_all[texts]], _read(cache["frame_mask"], videos),
-                   _read(cache["text_lengths"], texts))
+                   _read(cache["text_lengths"], texts), len(failed), n_failed_texts)
 
     @functools.cached_property
     def captions_of(self) -> list[list[int]]:

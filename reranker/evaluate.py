@@ -101,34 +101,45 @@ class Evaluation:
 def evaluate_split(model: CrossTVR, feats: SplitFeatures, top_k: int, device: torch.device | None = None,
                    zero_shot: bool = False, v2t: bool = True) -> dict:
     """The metrics JSON of one split (see run_evaluate); v2t=False leaves out the two-stage video-to-text
-    re-ranking (training's validation reads only text-to-video R@1)."""
+    re-ranking (training's validation reads only text-to-video R@1). top_k must not exceed the split's videos."""
+    if not zero_shot and not 1 <= top_k <= feats.n_videos:
+        raise UserError(f"--top-k {top_k}: split '{feats.split}' has only {feats.n_videos} candidate videos")
     return _evaluate(model, feats, top_k, device or default_device(), zero_shot, v2t).results
 
 
 def _evaluate(model: CrossTVR, feats: SplitFeatures, top_k: int, device: torch.device, zero_shot: bool,
               v2t: bool = True) -> Evaluation:
-    if not zero_shot and not 1 <= top_k <= feats.n_videos:
-        raise UserError(f"--top-k {top_k}: split '{feats.split}' has only {feats.n_videos} candidate videos")
+    """top_k: the K asked for; each direction re-scores min(K, its candidates) (videos for a caption, captions
+    for a video)."""
     model = model.to(device).eval()
     t0 = time.time()
     first = first_stage_sims(model, feats, device)
     seconds = {"first_stage": time.time() - t0}
     truth, n_videos = feats.text_video, feats.n_videos
-    results = {"split": feats.split, "n_videos": n_videos, "n_texts": feats.n_texts, "top_k": top_k,
-               "first_stage": {"t2v": M.t2v_metrics(first, truth), "v2t": M.v2t_metrics(first, truth, n_videos)}}
+    results = {"split": feats.split, "n_videos": n_videos, "n_texts": feats.n_texts}
+    if feats.n_failed:  # left out of the split (see SplitFeatures.open): say so where the numbers are
+        results |= {"n_videos_failed": feats.n_failed, "n_texts_failed": feats.n_failed_texts}
+    if zero_shot:
+        results["zero_shot"] = True
+    else:
+        results["top_k"] = min(top_k, n_videos)
+        if v2t:
+            results["top_k_v2t"] = min(top_k, feats.n_texts)
+    results["first_stage"] = {"t2v": M.t2v_metrics(first, truth), "v2t": M.v2t_metrics(first, truth, n_videos)}
     two_t2v = two_v2t = None
     if not zero_shot:
         t0 = time.time()
-        cand, final, logits = rerank(model, feats, first, top_k, device)
+        cand, final, logits = rerank(model, feats, first, results["top_k"], device)
         two_t2v = M.two_stage_scores(first, cand, final)
         results["two_stage"] = {"t2v": M.t2v_metrics(two_t2v, truth)}
         if v2t:
-            cand_v, final_v, _ = rerank(model, feats, first, min(top_k, feats.n_texts), device, videos_are_queries=True)
+            cand_v, final_v, _ = rerank(model, feats, first, results["top_k_v2t"], device, videos_are_queries=True)
             two_v2t = M.two_stage_scores(first.T, cand_v, final_v).T
             results["two_stage"]["v2t"] = M.v2t_metrics(two_v2t, truth, n_videos)
         seconds["two_stage"] = time.time() - t0
-        # The spread of the reranker's own logits within each caption's top-K, averaged: near 0 means it has collapsed.
-        results["rerank_logit_spread"] = float(logits.std(axis=1).mean())
+        # The spread of the reranker's own logits within each caption's top-K, averaged: near 0 means it has
+        # collapsed. One candidate has no spread to measure.
+        results["rerank_logit_spread"] = float(logits.std(axis=1).mean()) if logits.shape[1] > 1 else None
     return Evaluation(results, first, two_t2v, two_v2t, seconds)
 
 
@@ -175,11 +186,13 @@ def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
         check_compatible(state["cache_signature"], cache, cfg.run)
     feats = SplitFeatures.open(cache, cfg.split)
     # As training's validation does: a split smaller than --top-k has all its videos re-scored.
-    top_k = min(cfg.top_k, feats.n_videos)
-    if top_k < cfg.top_k and not cfg.zero_shot:
-        log.info("--top-k %d > %d videos in '%s': reranking all %d", cfg.top_k, feats.n_videos, cfg.split, top_k)
-    ev = _evaluate(model, feats, top_k, default_device(), cfg.zero_shot)
-    name = f"eval_{cfg.split}{'_last' if cfg.checkpoint == 'last' and not cfg.zero_shot else ''}.json"
+    if feats.n_videos < cfg.top_k and not cfg.zero_shot:
+        log.info("--top-k %d > %d videos in '%s': reranking all %d", cfg.top_k, feats.n_videos, cfg.split,
+                 feats.n_videos)
+    ev = _evaluate(model, feats, cfg.top_k, default_device(), cfg.zero_shot)
+    # Each kind of evaluation of a run has a report of its own: a zero-shot or last.pt one never replaces best.pt's.
+    suffix = "_zeroshot" if cfg.zero_shot else "_last" if cfg.checkpoint == "last" else ""
+    name = f"eval_{cfg.split}{suffix}.json"
     out = Path(cfg.out) if cfg.out else (Path(cfg.run) if cfg.run else Path(cfg.cache).parent) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     ev.results["cache"] = str(cache.path)  # which features these metrics are of

@@ -16,7 +16,7 @@ from pipeline.encoder import default_device
 from pipeline.errors import UserError
 from reranker import metrics as M
 from reranker.data import SplitFeatures
-from reranker.evaluate import EvalConfig, _rerank_pairs, evaluate_split, run_evaluate
+from reranker.evaluate import EvalConfig, _rerank_pairs, evaluate_split, first_stage_sims, rerank, run_evaluate
 from reranker.train import TrainConfig, load_model, train
 from tests.conftest import make_feature_cache
 
@@ -37,9 +37,9 @@ def test_json_schema_and_saved_matrices_reproduce_it(trained):
     results, where = run_evaluate(EvalConfig(cache=cache, run=run, top_k=4, out=tmp / "m.json", save_sims=tmp / "sims"))
     saved = json.loads((tmp / "m.json").read_text())
     assert saved == results
-    assert set(saved) == {"split", "n_videos", "n_texts", "top_k", "first_stage", "two_stage", "rerank_logit_spread",
-                          "cache", "checkpoint"}
-    assert saved["checkpoint"] == "best.pt"
+    assert set(saved) == {"split", "n_videos", "n_texts", "top_k", "top_k_v2t", "first_stage", "two_stage",
+                          "rerank_logit_spread", "cache", "checkpoint"}
+    assert saved["checkpoint"] == "best.pt" and saved["top_k_v2t"] == 4
     assert (saved["split"], saved["n_videos"], saved["n_texts"], saved["top_k"], saved["cache"]) == ("test", 10, 30, 4,
                                                                                                      str(cache))
     for stage in ("first_stage", "two_stage"):
@@ -128,7 +128,55 @@ def test_top_k_beyond_the_split_reranks_all_its_videos(trained, caplog):
     assert "--top-k 15 > 10 videos in 'test': reranking all 10" in caplog.messages
     assert results["top_k"] == json.loads((tmp / "k15.json").read_text())["top_k"] == 10  # the K actually used
     every, _ = run_evaluate(EvalConfig(cache=cache, run=run, top_k=10, out=tmp / "k10.json"))
-    assert results["two_stage"] == every["two_stage"]
+    assert results["two_stage"]["t2v"] == every["two_stage"]["t2v"]
+    # a video's candidates are captions: 30 of them, so video-to-text re-scores the 15 asked for, not 10
+    assert (results["top_k_v2t"], every["top_k_v2t"]) == (15, 10)
+    model, _ = load_model(run)
+    feats = SplitFeatures.open(FeatureCache(cache), "test")
+    device = default_device()
+    first = first_stage_sims(model.to(device), feats, device)
+    cand, final, _ = rerank(model, feats, first, 15, device, videos_are_queries=True)
+    expected = M.v2t_metrics(M.two_stage_scores(first.T, cand, final).T, feats.text_video, 10)
+    assert results["two_stage"]["v2t"] == pytest.approx(expected)
+
+
+def test_one_candidate_has_no_spread(trained):
+    _, cache, run = trained
+    model, _ = load_model(run)
+    results = evaluate_split(model, SplitFeatures.open(FeatureCache(cache), "test"), 1)
+    assert results["rerank_logit_spread"] is None  # not 0.0, which would read as a collapsed reranker
+
+
+def test_zero_shot_report_goes_beside_the_runs_own(trained):
+    tmp, cache, run = trained
+    trained_report = run_evaluate(EvalConfig(cache=cache, run=run, top_k=4))[0]
+    results, where = run_evaluate(EvalConfig(cache=cache, run=run, zero_shot=True))
+    assert where["json"] == str(run / "eval_test_zeroshot.json") and where["plot"] == str(run / "eval_test_zeroshot.png")
+    assert json.loads((run / "eval_test.json").read_text()) == trained_report  # not replaced
+    assert results["zero_shot"] is True and "top_k" not in results and "two_stage" not in results
+    result = CliRunner().invoke(cli.main, ["evaluate", "--cache", str(cache), "--zero-shot", "--out", str(tmp / "z.json")])
+    assert result.exit_code == 0 and "test: 10 videos, 30 captions, zero-shot" in result.output, result.output
+
+
+def test_videos_that_failed_extraction_are_counted_where_the_metrics_are(trained, tmp_path, caplog):
+    import shutil
+
+    tmp, cache, run = trained
+    broken = tmp_path / "c.zarr"
+    shutil.copytree(cache, broken)
+    c = FeatureCache(broken)
+    test_rows = np.flatnonzero(c.video_split() == "test")
+    for i in test_rows[:2]:
+        c.write_failure(int(i), "moov atom not found")
+    with caplog.at_level(logging.WARNING, logger="reranker.data"):
+        results, _ = run_evaluate(EvalConfig(cache=broken, run=run, top_k=4, out=tmp_path / "m.json"))
+    assert (results["n_videos"], results["n_texts"], results["n_videos_failed"], results["n_texts_failed"]) == (8, 24, 2, 6)
+    assert json.loads((tmp_path / "m.json").read_text())["n_videos_failed"] == 2
+    assert any("2 video(s) of split 'test' failed extraction and are left out with their 6 caption(s)" in m
+               for m in caplog.messages)
+    result = CliRunner().invoke(cli.main, ["evaluate", "--cache", str(broken), "--run", str(run), "--top-k", "4",
+                                           "--out", str(tmp_path / "cli.json")])
+    assert result.exit_code == 0 and "test: 8 videos (2 more failed extraction: left out), 24 captions" in result.output
 
 
 def test_refusals(trained, tmp_path):
