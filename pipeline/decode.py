@@ -32,8 +32,13 @@ class DecodedVideo:
     mask: np.ndarray
 
 
+# The first video stream that is not an attached picture: cover art (MP4 'covr', an audio file's album art) is a
+# one-frame stream that ffmpeg may list before the real video, and an audio file with cover art has no video at all.
+VIDEO_STREAM = "V:0"
+
+
 def frame_times(path: Path, decode: bool = False) -> list[int]:
-    """Timestamps (ascending, in ticks of one time base) of the frames the decoder outputs for the first video stream.
+    """Timestamps (ascending, in ticks of one time base) of the frames the decoder outputs for the video stream.
 
     The framecrc muxer writes one line per packet to stdout; ffmpeg's own "frame=" stats line is not used, as
     ffmpeg 7.0 leaves the count out of it when the stream is copied. By default the packets are only demuxed, which
@@ -44,12 +49,12 @@ def frame_times(path: Path, decode: bool = False) -> list[int]:
     exe = ffmpeg_exe()
     if decode:
         stream = (
-            ffmpeg.input(str(path), threads=1)
-            .video.filter("scale", 8, 8)
+            ffmpeg.input(str(path), threads=1)[VIDEO_STREAM]
+            .filter("scale", 8, 8)
             .output("-", f="framecrc", vcodec="rawvideo", pix_fmt="gray", **passthrough_option(exe))
         )
     else:
-        stream = ffmpeg.input(str(path)).output("-", map="0:v:0", c="copy", f="framecrc")
+        stream = ffmpeg.input(str(path)).output("-", map=f"0:{VIDEO_STREAM}", c="copy", f="framecrc")
     try:
         out, _ = stream.run(cmd=exe, capture_stdout=True, capture_stderr=True)
     except ffmpeg.Error as e:
@@ -121,8 +126,11 @@ def _select_frames(path: Path, indices: list[int], size: int) -> np.ndarray:
     select = "+".join(f"eq(n,{i})" for i in indices)  # ffmpeg-python escapes the commas
     exe = ffmpeg_exe()
     stream = (
-        ffmpeg.input(str(path), threads=1)
-        .video.filter("select", select)
+        ffmpeg.input(str(path), threads=1)[VIDEO_STREAM]
+        .filter("select", select)
+        # Non-square pixels (DVD, DV, anamorphic HD) to the shape players show, before the crop; with square pixels
+        # (or none recorded) this scale keeps the size and ffmpeg passes the frames through untouched.
+        .filter("scale", "if(eq(sar,1),iw,round(iw*sar))", "ih", flags="bicubic")
         .filter("scale", size, size, force_original_aspect_ratio="increase", flags="bicubic")
         .filter("crop", size, size)
         .output("pipe:", format="rawvideo", pix_fmt="rgb24", an=None, sn=None, **passthrough_option(exe))

@@ -140,6 +140,30 @@ def test_resize_and_center_crop_non_square(tmp_path):
     assert centre[1] > 200 and centre[0] < 40 and centre[2] < 40
 
 
+def test_non_square_pixels_are_cropped_as_players_show_them(tmp_path):
+    # four 24-pixel stripes (red, green, blue, white) stored 96 x 96 with pixels twice as wide as tall (SAR 2:1):
+    # on screen 192 x 96, so a square centre crop holds the middle two stripes only
+    frame = np.zeros((96, 96, 3), dtype=np.uint8)
+    for k, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]):
+        frame[:, 24 * k: 24 * (k + 1)] = colour
+    path = write_video(tmp_path / "anamorphic.mp4", np.stack([frame] * 4), vf="setsar=2")
+    out = decode_video(path, n_frames=1, size=16)
+    left, right = out.frames[0, :, 1:7].reshape(-1, 3).mean(axis=0), out.frames[0, :, 9:15].reshape(-1, 3).mean(axis=0)
+    assert left[1] > 240 and left[[0, 2]].max() < 15, left  # green
+    assert right[2] > 240 and right[:2].max() < 15, right  # blue
+
+
+def test_cover_art_is_not_taken_for_the_video(tmp_path):
+    exe = ffmpeg_exe()
+    tone, cover, song = tmp_path / "tone.m4a", tmp_path / "cover.png", tmp_path / "song.m4a"
+    ffmpeg.input("sine=frequency=440:duration=1", f="lavfi").output(str(tone), loglevel="error").run(cmd=exe)
+    ffmpeg.input("color=c=magenta:s=32x32", f="lavfi").output(str(cover), vframes=1, loglevel="error").run(cmd=exe)
+    a, b = ffmpeg.input(str(tone)), ffmpeg.input(str(cover))
+    ffmpeg.output(a, b, str(song), c="copy", loglevel="error", **{"disposition:v:0": "attached_pic"}).run(cmd=exe)
+    with pytest.raises(DecodeError, match="no video stream"):  # an audio file with album art: one still, no video
+        decode_video(song, 4, 16)
+
+
 @pytest.mark.parametrize(
     "make, reason",
     [
