@@ -44,7 +44,7 @@ def frame_times(path: Path, decode: bool = False) -> list[int]:
     ffmpeg 7.0 leaves the count out of it when the stream is copied. By default the packets are only demuxed, which
     is cheap, and those flagged discard (cut by an MP4 edit list) are left out; decode=True decodes them at a tiny
     size instead, for streams whose packets and frames differ otherwise (packets the decoder rejects, field-coded
-    H.264). Packets without a presentation timestamp (H.264 in AVI) are taken at their decoding timestamp.
+    H.264).
     """
     exe = ffmpeg_exe()
     if decode:
@@ -59,12 +59,13 @@ def frame_times(path: Path, decode: bool = False) -> list[int]:
         out, _ = stream.run(cmd=exe, capture_stdout=True, capture_stderr=True)
     except ffmpeg.Error as e:
         raise DecodeError(_reason(e.stderr)) from None
-    times = []
-    for m in map(_PACKET.match, out.splitlines()):
-        if m and not int(m[3] or b"0", 16) & _DISCARD:
-            dts, pts = int(m[1]), int(m[2])
-            times.append(dts if pts == _NOPTS else pts)
-    return sorted(times)
+    packets = [(int(m[1]), int(m[2])) for m in map(_PACKET.match, out.splitlines())
+               if m and not int(m[3] or b"0", 16) & _DISCARD]  # (dts, pts)
+    # Without a presentation timestamp on every packet (H.264 in AVI; MPEG-PS, which stamps only some), every
+    # packet is timed by its decoding timestamp: one clock for all, where mixing the two put B-frames at the times
+    # of others and pulled a constant-frame-rate clip off its sample points.
+    by_dts = any(pts == _NOPTS for _, pts in packets)
+    return sorted(dts if by_dts else pts for dts, pts in packets)
 
 
 def sample_indices(times: Sequence[int], n_frames: int) -> list[int]:

@@ -25,12 +25,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 12, **options: str) -> Path:
     """Encode uint8 RGB frames [N, H, W, 3] losslessly-ish into an .mp4 (H.264, yuv444p, qp 0); options add to or
-    replace ffmpeg's output options."""
+    replace ffmpeg's output options (None leaves one out)."""
     n, h, w, _ = frames.shape
     path.parent.mkdir(parents=True, exist_ok=True)
+    options = {"vcodec": "libx264", "pix_fmt": "yuv444p", "qp": 0, "loglevel": "error", **options}
     (
         ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", framerate=fps)
-        .output(str(path), **{"vcodec": "libx264", "pix_fmt": "yuv444p", "qp": 0, "loglevel": "error", **options})
+        .output(str(path), **{k: v for k, v in options.items() if v is not None})
         .overwrite_output()
         .run(cmd=ffmpeg_exe(), input=np.ascontiguousarray(frames).tobytes())
     )

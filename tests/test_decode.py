@@ -81,6 +81,14 @@ def test_decode_samples_the_right_frames(tmp_path):
     np.testing.assert_allclose(levels, [2, 7, 12, 17, 22, 27], atol=0.3)
 
 
+def test_mpeg_program_stream_with_some_timestamps_missing_is_sampled_at_segment_centres(tmp_path):
+    # MPEG-PS stamps a presentation time on only some packets; with B-frames the rest came in at their decoding times
+    # (at 64 x 48 the muxer packs several frames under one timestamp, which nothing can undo: 128 x 96 here)
+    path = write_video(tmp_path / "clip.mpg", index_frames(60, 96, 128), fps=30, vcodec="mpeg2video",
+                       pix_fmt="yuv420p", qp=None, bf=2, **{"q:v": 2})
+    assert decoded_indices(decode_video(path, n_frames=12, size=16).frames) == list(range(2, 60, 5))
+
+
 def test_short_video_is_padded_with_mask_not_duplicated(tmp_path):
     path = write_video(tmp_path / "short.mp4", level_frames(3))
     out = decode_video(path, n_frames=12, size=16)
