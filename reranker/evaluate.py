@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache import FeatureCache, first_mismatch
+from pipeline.cache import FeatureCache
 from pipeline.encoder import autocast, default_device
 from pipeline.errors import UserError
 from pipeline.files import write_text_atomic
 from reranker import metrics as M
 from reranker.data import RERANKER_TEXT_ARRAYS, SplitFeatures, to_device
 from reranker.model import CrossTVR, EncodedFrames
-from reranker.train import TrainConfig, cache_signature, load_model, model_config_for, video_bank
+from reranker.train import TrainConfig, check_compatible, load_model, model_config_for, video_bank
 
 log = logging.getLogger(__name__)
 
@@ -155,17 +155,6 @@ class EvalConfig:
     save_sims: Path | None = None
     zero_shot: bool = False
     checkpoint: str = "best"  # of the run: 'best' (best.pt) or 'last' (last.pt)
-
-
-def check_compatible(trained_on: dict, cache: FeatureCache, run: Path) -> None:
-    """Refuse a run trained on a cache made with another model, weights or dimensions."""
-    here = cache_signature(cache)
-    key = first_mismatch(trained_on, here, trained_on)
-    if key is not None:
-        raise UserError(
-            f"{run}: trained on a cache with {key}={trained_on[key]!r}, but {cache.path} has {here.get(key)!r}; "
-            "evaluate it on a cache made with the same model and settings"
-        )
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:

@@ -12,8 +12,7 @@ from pipeline.cache import FeatureCache
 from pipeline.encoder import FrozenEncoder, autocast, default_device
 from pipeline.errors import UserError
 from reranker.data import SplitFeatures, to_device
-from reranker.evaluate import check_compatible
-from reranker.train import load_model, video_bank
+from reranker.train import check_compatible, load_model, video_bank
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.cache import FeatureCache
+from pipeline.cache import FeatureCache, first_mismatch
 from pipeline.encoder import autocast, default_device
 from pipeline.errors import UserError
 from pipeline.files import write_text_atomic
@@ -84,6 +85,23 @@ def cache_signature(cache: FeatureCache) -> dict:
     keys = ("model", "pretrained", "pretrained_sha256", "frames", "image_size", "patch_layer", "text_layer",
             "max_text_tokens", "num_patches", "patch_width", "text_width", "embed_dim")
     return {k: cache.attrs.get(k) for k in keys}  # text_layer: None in caches older than --text-layer
+
+
+def check_compatible(trained_on: dict, cache: FeatureCache, run: Path,
+                     fix: str = "evaluate it on a cache made with the same model and settings") -> None:
+    """Refuse a run trained on a cache made with another model, weights or dimensions."""
+    here = cache_signature(cache)
+    key = first_mismatch(trained_on, here, trained_on)
+    if key is not None:
+        raise UserError(f"{run}: trained on a cache with {key}={trained_on[key]!r}, but {cache.path} has "
+                        f"{here.get(key)!r}; {fix}")
+
+
+def split_signature(feats: SplitFeatures) -> dict:
+    """Which videos and captions a run trains on: a resumed run must see the same ones (its plan of steps and its
+    learning-rate schedule are theirs)."""
+    digest = hashlib.sha256(feats.videos.astype(np.int64).tobytes() + feats.texts.astype(np.int64).tobytes())
+    return {"videos": feats.n_videos, "captions": feats.n_texts, "sha256": digest.hexdigest()}
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -378,14 +396,16 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
         raise UserError(f"{run}: a run is already there; pass --resume to continue it or another --run")
     cache = FeatureCache(Path(cfg.cache))
     feats = SplitFeatures.open(cache, cfg.split, cfg.allow_partial)
-    val = None
+    val, no_val = None, f"no '{cfg.val_split}' split in {cache.path}" if cfg.val_split else "validation off"
     if cfg.val_split and cfg.val_split in set(cache.video_split().tolist()):
         try:
             val = SplitFeatures.open(cache, cfg.val_split, cfg.allow_partial)
         except UserError as e:
             if not cfg.allow_partial:
                 raise
-            log.warning("no validation (%s): best.pt is the epoch of lowest training loss", e)
+            no_val = str(e)
+    if val is None and rank == 0:
+        log.warning("no validation (%s): best.pt is the latest epoch's weights", no_val)
     videos = int(feats.has_captions.sum())  # with captions: those a step can use
     if videos < 2:
         raise UserError(f"{cache.path}: split '{cfg.split}' has {videos} video(s) with captions; training needs at least 2")
@@ -395,9 +415,11 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
                         f"need 1 <= the sum < {videos} videos of '{cfg.split}', neither negative")
     cfg.batch_size = min(cfg.batch_size, videos)
     if anchors_per_step(cfg) < 2 * world:  # each process's InfoNCE needs two of its own
+        need = 2 * world * (1 + n_neg)
+        fix = (f"pass --batch-size {need} or more" if videos >= need else
+               f"'{cfg.split}' has {videos} videos with captions, too few for that: use fewer processes or negatives")
         raise UserError(f"--batch-size {cfg.batch_size} starts a step from {anchors_per_step(cfg)} captions ({n_neg} "
-                        f"negatives each), fewer than 2 for each of the {world} torchrun processes; pass --batch-size "
-                        f"{2 * world * (1 + n_neg)} or more")
+                        f"negatives each), fewer than 2 for each of the {world} torchrun processes; {fix}")
 
     torch.manual_seed(cfg.seed)
     model = CrossTVR(model_config_for(cache, cfg)).to(device)
@@ -412,6 +434,13 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
         run.mkdir(parents=True, exist_ok=True)
     if resume:
         state = load_checkpoint(run / "last.pt")
+        check_compatible(state["cache_signature"], cache, run, "a resumed run trains on the features it started on: "
+                         "start a new --run")
+        started_on, now = state.get("split"), split_signature(feats)  # runs older than it do not record it
+        if started_on is not None and started_on != now:
+            raise UserError(f"{run}: started on {started_on['videos']} videos / {started_on['captions']} captions of "
+                            f"'{cfg.split}', {cache.path} now holds {now['videos']} / {now['captions']} (extraction "
+                            "went on, or the cache was rebuilt); a resumed run must see the same ones: start a new --run")
         _restore(model, state["model"], run / "last.pt")
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -431,7 +460,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
             return
         save_checkpoint(run / name, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                      "best": best, "last_score": last_score, "torch_rng": torch.get_rng_state(),
-                                     "model_config": asdict(model.config), "cache_signature": cache_signature(cache)})
+                                     "model_config": asdict(model.config), "cache_signature": cache_signature(cache),
+                                     "split": split_signature(feats)})
 
     logf = open(run / "log.jsonl", "a" if resume else "w") if rank == 0 else open(os.devnull, "w")
     plans: dict[int, list] = {}
@@ -486,17 +516,22 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
         if step % steps_per_epoch == 0 and rank == 0:
             results = evaluate_split(model, val, min(cfg.top_k, val.n_videos), device, v2t=False) if val else {}
             metrics = results.get("two_stage", {}).get("t2v")
-            score = metrics["R@1"] if metrics else -loss.item()
             logf.write(json.dumps({"epoch": epoch, "step": step, "val_two_stage_t2v": metrics,
                                    "val_rerank_logit_spread": results.get("rerank_logit_spread")}) + "\n")
-            # best.pt: the epoch whose score, averaged with the epoch's before, is highest. On a small validation
-            # split one lucky epoch early in training won otherwise: make demo kept epoch 4 of 12 (validation 56.9,
-            # the last 55.9), test t2v R@1 44.8 where the last epoch's weights give 50.0.
-            selection = score if last_score is None else (score + last_score) / 2
-            last_score = score
-            if selection > best:
-                best = selection
+            if metrics is None:
+                # Nothing to choose by: a training loss says how well the model fits its training pairs, not how
+                # well it retrieves (and one step's loss, which chose before, is mostly the noise of its batch).
                 checkpoint("best.pt")
+            else:
+                # best.pt: the epoch whose validation R@1, averaged with the epoch's before, is highest. On a small
+                # validation split one lucky epoch early in training won otherwise: make demo kept epoch 4 of 12
+                # (validation 56.9, the last 55.9), test t2v R@1 44.8 where the last epoch's weights give 50.0.
+                score = metrics["R@1"]
+                selection = score if last_score is None else (score + last_score) / 2
+                last_score = score
+                if selection > best:
+                    best = selection
+                    checkpoint("best.pt")
         if step % cfg.checkpoint_every == 0 or step == total:
             logf.flush()
             checkpoint("last.pt")  # only at bank-refresh steps: the state a resume needs to mine alike

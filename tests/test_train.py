@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.cache import FeatureCache
 from pipeline.errors import UserError
 from reranker.data import SplitFeatures
 from reranker.train import TrainConfig, load_checkpoint, load_model, save_checkpoint, train
@@ -176,7 +178,7 @@ def test_refusals(tmp_path):
     assert not (tmp_path / "r3" / "last.pt").exists()
 
 
-def test_without_a_val_split_best_is_the_epoch_of_lowest_loss_over_two_epochs(cache, tmp_path, monkeypatch):
+def test_without_a_val_split_best_is_the_latest_epoch(cache, tmp_path, monkeypatch, caplog):
     import reranker.train as T
 
     saved, original = [], T.save_checkpoint
@@ -187,12 +189,11 @@ def test_without_a_val_split_best_is_the_epoch_of_lowest_loss_over_two_epochs(ca
 
     monkeypatch.setattr(T, "save_checkpoint", recording)
     run = train(_cfg(cache, tmp_path / "run", val_split="", epochs=3), progress=False)
-    losses = {r["step"]: r["loss"] for r in _log(run) if "loss" in r and r["step"] % 8 == 0}  # each epoch's last step
-    assert [r for r in _log(run) if "val_two_stage_t2v" in r][0]["val_two_stage_t2v"] is None
-    kept = [step for name, step in saved if name == "best.pt"]
-    assert kept[0] == 8  # the first epoch is always kept (it was never, with best starting at -1 and losses > 1)
-    two_epochs = {s: (losses[s] + losses.get(s - 8, losses[s])) / 2 for s in losses}  # each with the epoch before
-    assert load_checkpoint(run / "best.pt")["step"] == min(two_epochs, key=two_epochs.get)
+    assert [r["val_two_stage_t2v"] for r in _log(run) if "val_two_stage_t2v" in r] == [None] * 3
+    assert [step for name, step in saved if name == "best.pt"] == [8, 16, 24]  # every epoch's end: a kill keeps one
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    assert "no validation (validation off): best.pt is the latest epoch's weights" in caplog.text
 
 
 def test_best_is_the_epoch_whose_validation_averaged_with_the_one_before_is_highest(cache, tmp_path, monkeypatch):
@@ -226,10 +227,29 @@ def test_allow_partial_trains_on_the_videos_whose_captions_are_done(cache, tmp_p
 def test_torchrun_processes_need_two_anchors_each(cache, tmp_path, monkeypatch):
     import reranker.train as T
 
-    monkeypatch.setattr(T, "_distributed", lambda device: (0, 4))
+    monkeypatch.setattr(T, "_distributed", lambda device: (0, 2))
     with pytest.raises(UserError, match=r"--batch-size 8 starts a step from 2 captions \(2 negatives each\), fewer than 2 "
-                                        r"for each of the 4 torchrun processes; pass --batch-size 24 or more"):
+                                        r"for each of the 2 torchrun processes; pass --batch-size 12 or more"):
         train(_cfg(cache, tmp_path / "run"), progress=False)
+    # 16 videos cannot give 4 processes 2 anchors with 2 negatives each (24 videos): a bigger batch cannot help
+    monkeypatch.setattr(T, "_distributed", lambda device: (0, 4))
+    with pytest.raises(UserError, match=r"--batch-size 16 .*; 'train' has 16 videos with captions, too few for that: "
+                                        r"use fewer processes or negatives"):
+        train(_cfg(cache, tmp_path / "run", batch_size=100), progress=False)
+
+
+def test_resume_refuses_a_cache_that_changed_under_the_run(cache, tmp_path):
+    run = train(_cfg(cache, tmp_path / "run"), progress=False)
+    writable = FeatureCache(cache, mode="r+")
+    writable.write_failure(0, "replaced by a broken file")  # the split loses a video: another plan of steps
+    with pytest.raises(UserError, match=r"started on 16 videos / 32 captions of 'train', .* now holds 15 / 30 .*"
+                                        r"a resumed run must see the same ones: start a new --run"):
+        train(TrainConfig(run=str(run)), resume=True, progress=False)
+    shutil.rmtree(cache)
+    make_feature_cache(cache, {"train": 16, "val": 6, "test": 6}, frames=6)  # rebuilt with other settings
+    with pytest.raises(UserError, match=r"trained on a cache with frames=4, but .* has 6; a resumed run trains on the "
+                                        r"features it started on: start a new --run"):
+        train(TrainConfig(run=str(run)), resume=True, progress=False)
 
 
 def test_cli_refusals_are_one_line(cache, tmp_path):
@@ -375,7 +395,6 @@ def test_two_process_gloo_run_takes_the_expected_steps(cache, tmp_path):
 
 def test_mining_takes_the_nearest_video_and_then_the_captions_top_candidate(tmp_path):
     """Group = anchor, the video nearest to it in the first stage, then the caption's best other candidate."""
-    from pipeline.cache import FeatureCache
     from reranker.data import SplitFeatures, to_device
     from reranker.model import CrossTVR
     from reranker.train import _mine_groups, model_config_for, video_bank
@@ -409,7 +428,6 @@ def test_a_step_reads_only_what_it_uses(cache, spatial, frame_arrays, monkeypatc
     import zarr
 
     import reranker.data as data
-    from pipeline.cache import FeatureCache
     from reranker.data import SplitFeatures
     from reranker.model import CrossTVR
     from reranker.train import _forward, _read_step, model_config_for
@@ -444,7 +462,6 @@ def test_a_step_reads_only_what_it_uses(cache, spatial, frame_arrays, monkeypatc
 
 
 def test_patch_pool_keeps_at_least_a_2x2_grid(tmp_path):
-    from pipeline.cache import FeatureCache
     from reranker.train import model_config_for
 
     def pool(patches):
