@@ -423,6 +423,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
 
     torch.manual_seed(cfg.seed)
     model = CrossTVR(model_config_for(cache, cfg)).to(device)
+    if model.config.patch_pool != cfg.patch_pool and rank == 0:
+        grid = math.isqrt(model.config.patches)
+        log.warning("--patch-pool %d does not divide the %d x %d patch grid (or leaves 1 x 1): the reranker reads all "
+                    "%d patches of a frame", cfg.patch_pool, grid, grid, model.config.patches)
     opt = torch.optim.AdamW([
         {"params": model.first_stage.parameters(), "lr": cfg.first_stage_lr, "base_lr": cfg.first_stage_lr},
         {"params": model.reranker.parameters(), "lr": cfg.lr, "base_lr": cfg.lr},

@@ -472,6 +472,12 @@ def test_patch_pool_keeps_at_least_a_2x2_grid(tmp_path):
     assert (pool(4), pool(9), pool(16)) == (1, 1, 2)
 
 
+def test_a_patch_pool_that_cannot_apply_is_warned_about(tmp_path, caplog):
+    grid3 = make_feature_cache(tmp_path / "g3.zarr", {"train": 8}, patches=9)
+    train(_cfg(grid3, tmp_path / "run", val_split="", spatial="attention"), progress=False)
+    assert "--patch-pool 2 does not divide the 3 x 3 patch grid (or leaves 1 x 1): the reranker reads all 9" in caplog.text
+
+
 @pytest.mark.parametrize("A, G, n", [(5, 3, 2), (4, 2, 3), (3, 3, 5), (2, 4, 0)])
 def test_a_step_pairs_each_caption_with_its_group_and_with_videos_of_other_groups(A, G, n):
     from reranker.train import _pairs
