@@ -78,7 +78,7 @@ def _resolve_cache(cache: Path | None, run: Path | None = None) -> Path:
 @click.option("--cache", type=click.Path(path_type=Path), help="Cache folder [default: cache/<dataset>/<model>.zarr].")
 @click.option("--model", default=None, help="open_clip model name [default: the shipped CrossTVR-Tiny].")
 @click.option("--pretrained", default=None,
-              help="open_clip tag (e.g. openai), a local checkpoint path, or 'random' "
+              help="open_clip tag (e.g. openai, with a -quickgelu model), a local checkpoint path, or 'random' "
                    "[default: the shipped weights of CrossTVR-Tiny; random for other models].")
 @click.option("--frames", type=click.IntRange(min=1), default=12, show_default=True, help="Frames sampled uniformly per video.")
 @click.option("--patch-layer", default=-1, show_default=True, help="Visual block whose patch tokens are stored.")

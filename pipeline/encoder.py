@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,26 @@ def _no_clip_text(model_name: str) -> UserError:
     )
 
 
+def check_activation(model_name: str, tag: str) -> None:
+    """Refuse an open_clip tag whose weights were trained with another activation than model_name's config.
+
+    OpenAI's CLIP weights were trained with QuickGELU: loaded into ViT-B-32 (GELU) rather than ViT-B-32-quickgelu they
+    run, and give features that are off (open_clip only warns). A local checkpoint cannot say which it needs: the
+    README tells which model name goes with OpenAI's files.
+    """
+    import open_clip
+
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not tag_cfg:  # not a tag open_clip knows for this model: its loader says so
+        return
+    wants, has = bool(tag_cfg.get("quick_gelu", False)), bool(open_clip.get_model_config(model_name).get("quick_gelu"))
+    if wants != has:
+        name = {True: "QuickGELU", False: "GELU"}
+        other = f"{model_name}-quickgelu" if wants else model_name.removesuffix("-quickgelu")
+        raise UserError(f"--pretrained {tag} was trained with {name[wants]} activations, but --model {model_name} uses "
+                        f"{name[has]}: pass --model {other}")
+
+
 def _load_model(model_name: str, pretrained: str | None):
     import open_clip
 
@@ -113,16 +134,27 @@ def _load_model(model_name: str, pretrained: str | None):
         raise _no_clip_text(model_name)
     if pretrained and Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") and not Path(pretrained).is_file():
         raise UserError(f"{pretrained}: checkpoint file not found; pass --pretrained an existing file or an open_clip tag")
+    if pretrained and not Path(pretrained).is_file():
+        check_activation(model_name, pretrained)
     try:
         # weights_only (open_clip's default, kept explicit): a local .pt is read without running pickled code
-        model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None,
-                                                            weights_only=True)
+        with warnings.catch_warnings():  # torch's own words on a TorchScript file: the refusal below says it in one
+            warnings.filterwarnings("ignore", message=".*TorchScript archive")
+            model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None,
+                                                                weights_only=True)
     except Exception as e:  # noqa: BLE001 - any download, lookup or load failure is one line
-        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        lines = str(e).strip().splitlines()
+        reason = lines[0].split(". ")[0] if lines else type(e).__name__
         if pretrained and Path(pretrained).is_file():  # torch.load says only "101" of a text file: name the type too
+            if "TorchScript" in str(e):
+                raise UserError(f"{pretrained}: a TorchScript archive (OpenAI's original CLIP files are), which is not "
+                                "read here; convert it to a state dict first (README: With a real CLIP)") from None
+            # a checkpoint of another architecture: the first key that does not fit says which
+            detail = next((ln.strip() for ln in lines[1:] if "size mismatch" in ln or "Missing key" in ln), "")
             reason = type(e).__name__ + (f": {reason}" if reason != type(e).__name__ else "")
-            raise UserError(f"{pretrained}: not a checkpoint open_clip can load ({reason}); "
-                            "pass a .pt/.safetensors checkpoint or a --pretrained tag") from None
+            reason += f" {detail[:120]}{'...' if len(detail) > 120 else ''}" if detail else ""
+            raise UserError(f"{pretrained}: not a checkpoint open_clip can load for {model_name} ({reason}); "
+                            "pass a .pt/.safetensors checkpoint of that model or a --pretrained tag") from None
         raise UserError(
             f"could not load pretrained weights '{pretrained}' for {model_name} ({reason}); without network access "
             f"pass a local checkpoint: --pretrained /path/to/{model_name}.safetensors (or .bin/.pt)"

@@ -177,9 +177,36 @@ def test_a_local_file_that_is_no_checkpoint_is_one_line(tmp_path, name, write, r
     write(path)
     with pytest.raises(UserError) as err:
         FrozenEncoder(DEFAULT_MODEL, pretrained=str(path), device=torch.device("cpu"))
-    assert re.fullmatch(rf"{re.escape(str(path))}: not a checkpoint open_clip can load \({reason}[^\n]*\); "
-                        r"pass a \.pt/\.safetensors checkpoint or a --pretrained tag", str(err.value)), str(err.value)
+    assert re.fullmatch(rf"{re.escape(str(path))}: not a checkpoint open_clip can load for {DEFAULT_MODEL} "
+                        rf"\({reason}[^\n]*\); pass a \.pt/\.safetensors checkpoint of that model or a --pretrained tag",
+                        str(err.value)), str(err.value)
     assert not (tmp_path / "PWNED").exists()  # loaded weights_only: the pickled call never ran
+
+
+def test_a_checkpoint_of_another_model_or_in_torchscript_says_so(tmp_path, recwarn):
+    other = tmp_path / "other.pt"
+    torch.save({"visual.conv1.weight": torch.zeros(1)}, other)
+    with pytest.raises(UserError, match=r"not a checkpoint open_clip can load for CrossTVR-Tiny \(RuntimeError: .*"
+                                        r"Missing key\(s\) in state_dict: .*\.\.\.\); pass a \.pt"):
+        FrozenEncoder(DEFAULT_MODEL, pretrained=str(other), device=torch.device("cpu"))
+    scripted = tmp_path / "ViT-B-32.pt"  # as OpenAI's own files are: a TorchScript archive
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), scripted)
+    recwarn.clear()
+    with pytest.raises(UserError, match=r"ViT-B-32.pt: a TorchScript archive .* convert it to a state dict first"):
+        FrozenEncoder(DEFAULT_MODEL, pretrained=str(scripted), device=torch.device("cpu"))
+    assert not [w for w in recwarn if "TorchScript" in str(w.message)]  # the refusal alone says it
+
+
+def test_openai_weights_need_the_quickgelu_model():
+    from pipeline.encoder import check_activation
+
+    with pytest.raises(UserError, match=r"--pretrained openai was trained with QuickGELU activations, but --model "
+                                        r"ViT-B-32 uses GELU: pass --model ViT-B-32-quickgelu"):
+        FrozenEncoder("ViT-B-32", pretrained="openai", device=torch.device("cpu"))  # refused before any download
+    check_activation("ViT-B-32-quickgelu", "openai")  # the right pair
+    check_activation("ViT-B-32", "laion2b_s34b_b79k")  # LAION's weights: GELU
+    with pytest.raises(UserError, match="pass --model ViT-B-32-quickgelu$"):
+        check_activation("ViT-B-32", "laion400m_e32")  # LAION-400M's OpenCLIP weights: QuickGELU too
 
 
 def test_text_tower_without_resblocks_is_refused(monkeypatch):
