@@ -53,6 +53,8 @@ def main(verbose: bool) -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     if not verbose:  # open_clip and the hub log download chatter whose gist our own one-line messages carry
         handler.addFilter(lambda r: not r.pathname.startswith(_CHATTY) or r.levelno >= logging.CRITICAL)
+        # the hub also prints through a handler of its own (offline: 24 lines of retries), quiet from its import on
+        os.environ.setdefault("HF_HUB_VERBOSITY", "critical")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 

@@ -239,3 +239,20 @@ def test_default_device_without_cuda_is_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail(f"set_device({device}) without CUDA"))
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert default_device() == torch.device("cpu")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_hubs_retry_chatter_shows_only_with_verbose(verbose):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+
+    # what an offline tag download prints 24 times through the hub's own handler, before our one-line error
+    code = (f"import cli; cli.main.callback(verbose={verbose}); import huggingface_hub.utils.logging as h; "
+            "h.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
+    env = {k: v for k, v in subprocess_env().items() if k != "HF_HUB_VERBOSITY"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert ("Retrying in 1s" in out.stderr) == verbose, out.stderr
+
