@@ -462,10 +462,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     def checkpoint(name: str) -> None:
         if rank != 0:
             return
-        save_checkpoint(run / name, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                     "best": best, "last_score": last_score, "torch_rng": torch.get_rng_state(),
-                                     "model_config": asdict(model.config), "cache_signature": cache_signature(cache),
-                                     "split": split_signature(feats)})
+        state = {"model": model.state_dict(), "step": step, "best": best, "last_score": last_score,
+                 "torch_rng": torch.get_rng_state(), "model_config": asdict(model.config),
+                 "cache_signature": cache_signature(cache), "split": split_signature(feats)}
+        if name == "last.pt":  # what a resume needs; best.pt is only evaluated (AdamW's moments: twice the weights)
+            state["optimizer"] = opt.state_dict()
+        save_checkpoint(run / name, state)
 
     logf = open(run / "log.jsonl", "a" if resume else "w") if rank == 0 else open(os.devnull, "w")
     plans: dict[int, list] = {}

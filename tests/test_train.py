@@ -193,6 +193,7 @@ def test_without_a_val_split_best_is_the_latest_epoch(cache, tmp_path, monkeypat
     assert [step for name, step in saved if name == "best.pt"] == [8, 16, 24]  # every epoch's end: a kill keeps one
     best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
     assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    assert "optimizer" in last and "optimizer" not in best  # best.pt is evaluated, never resumed
     assert "no validation (validation off): best.pt is the latest epoch's weights" in caplog.text
 
 
