@@ -210,6 +210,9 @@ class FrozenEncoder:
         self.mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
         context_length = int(self.tokenizer.context_length)
+        if max_text_tokens > context_length:
+            log.warning("--max-text-tokens %d: %s reads at most %d tokens a caption; keeping %d", max_text_tokens,
+                        model_name, context_length, context_length)
         self.max_text_tokens = min(max_text_tokens, context_length)
         self.info = EncoderInfo(
             model=model_name,

@@ -95,6 +95,12 @@ def test_text_layers_differ_and_count_from_the_end(encoder):
     assert not second[0, 9:].any() and second[0, :9].abs().sum(-1).min() > 0  # padding still zeroed
 
 
+def test_more_text_tokens_than_the_model_reads_are_capped_with_a_warning(caplog):
+    capped = FrozenEncoder(DEFAULT_MODEL, device=torch.device("cpu"), max_text_tokens=40)
+    assert capped.max_text_tokens == capped.info.context_length == 32
+    assert f"--max-text-tokens 40: {DEFAULT_MODEL} reads at most 32 tokens a caption; keeping 32" in caplog.text
+
+
 def test_text_layer_default_and_range():
     assert resolve_text_layer(DEFAULT_MODEL, None, 4) == 0
     assert resolve_text_layer("ViT-B-32", None, 12) == 12  # real CLIP keeps the last block
