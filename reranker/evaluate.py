@@ -78,8 +78,14 @@ def rerank(model: CrossTVR, feats: SplitFeatures, first: np.ndarray, top_k: int,
     """Top-K candidates of every query, their final scores (reranker logit + first-stage cosine / weight) and the
     reranker logits alone, each [queries, K]."""
     scores = first.T if videos_are_queries else first  # [queries, items]
-    truth = feats.text_video[:, None] == np.arange(feats.n_videos)[None, :]  # [texts, videos]
-    candidates = M.topk_candidates(scores, top_k, loses_ties=truth.T if videos_are_queries else truth)
+    owner = feats.text_video  # each caption's video
+
+    def truth(rows: np.ndarray) -> np.ndarray:  # [rows, items]: the right items of these queries
+        if videos_are_queries:
+            return owner[None, :] == rows[:, None]
+        return owner[rows][:, None] == np.arange(feats.n_videos)[None, :]
+
+    candidates = M.topk_candidates(scores, top_k, loses_ties=truth)
     query, item = np.repeat(np.arange(len(candidates)), top_k), candidates.reshape(-1)
     text_pos, video_pos = (item, query) if videos_are_queries else (query, item)
     logits = torch.from_numpy(_rerank_pairs(model, feats, text_pos, video_pos, device).astype(np.float64))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -166,18 +167,18 @@ def v2t_metrics(sims: np.ndarray, text_to_video: np.ndarray, n_videos: int) -> d
 # ----------------------------------------------------------------------------------- two stage
 
 
-def topk_candidates(first: np.ndarray, k: int, loses_ties: np.ndarray | None = None) -> np.ndarray:
+def topk_candidates(first: np.ndarray, k: int,
+                    loses_ties: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Indices [Q, k] of each row's top_k first-stage scores, descending, ties to the lower index.
 
-    loses_ties [Q, N] bool (evaluation: each query's right items) puts those items after every other item of
-    their score, so a tie at the cut never lets the truth in: ties never help, as in rank_of_truth.
+    loses_ties(rows) -> bool [len(rows), N] (evaluation: those queries' right items) puts those items after every
+    other item of their score, so a tie at the cut never lets the truth in: ties never help, as in rank_of_truth.
+    It is asked only about the rows with a tie at the cut (a [Q, N] mask would be the size of the scores).
     """
     first = _check_matrix("first", first)
     n_queries, n_items = first.shape
     if not 1 <= k <= n_items:
         raise ValueError(f"top_k must be in [1, {n_items}] (N items), got k={k}")
-    if loses_ties is not None and np.shape(loses_ties) != first.shape:
-        raise ValueError(f"loses_ties must have the shape of first {first.shape}, got {np.shape(loses_ties)}")
     out = np.empty((n_queries, k), dtype=np.int64)
     step = _rows_per_block(n_items)
     for lo in range(0, n_queries, step):
@@ -191,7 +192,7 @@ def topk_candidates(first: np.ndarray, k: int, loses_ties: np.ndarray | None = N
         ambiguous = np.flatnonzero(np.count_nonzero(neg <= vals.max(axis=1, keepdims=True), axis=1) > k)
         if ambiguous.size:
             index = np.broadcast_to(np.arange(n_items), (len(ambiguous), n_items))
-            last = np.zeros(index.shape, bool) if loses_ties is None else np.asarray(loses_ties[lo : lo + step])[ambiguous]
+            last = np.zeros(index.shape, bool) if loses_ties is None else loses_ties(lo + ambiguous)
             top[ambiguous] = np.lexsort((index, last, neg[ambiguous]), axis=1)[:, :k]  # score, then the truth last
         out[lo : lo + step] = top
     return out

@@ -172,18 +172,37 @@ def test_topk_descending_ties_to_lower_index():
 
 def test_a_tie_at_the_cut_never_lets_the_truth_in():
     first = np.array([[0.5, 0.5, 0.5, 0.9], [0.2, 0.7, 0.7, 0.1]])
-    truth = np.array([[True, False, False, False], [False, True, False, False]])
+    mask = np.array([[True, False, False, False], [False, True, False, False]])
+    truth = lambda rows: mask[rows]  # noqa: E731 - the queries' right items
     # row 0: the truth 0 ties with 1 and 2 for the second place; row 1: the truth 1 ties with 2 for the first
     assert topk_candidates(first, 2, loses_ties=truth).tolist() == [[3, 1], [1, 2]]  # both tied ones fit in row 1
     assert topk_candidates(first, 1, loses_ties=truth).tolist() == [[3], [2]]
     assert topk_candidates(first, 2).tolist() == [[3, 0], [1, 2]]  # without it: ties to the lower index
     # collapsed scores in both stages: the truth stays out of the re-scored set, so R@1 is 0, not 1 in N
     flat = np.zeros((4, 4))
-    cand = topk_candidates(flat, 1, loses_ties=np.eye(4, dtype=bool))
+    cand = topk_candidates(flat, 1, loses_ties=lambda rows: np.eye(4, dtype=bool)[rows])
     assert not (cand[:, 0] == np.arange(4)).any()
     assert metrics_from_ranks(rank_of_truth(two_stage_scores(flat, cand, np.zeros((4, 1))), np.arange(4)))["R@1"] == 0
-    with pytest.raises(ValueError, match="loses_ties"):
-        topk_candidates(first, 2, loses_ties=truth[:1])
+
+
+def test_the_truth_loses_ties_in_every_block(monkeypatch):
+    import reranker.metrics as metrics
+
+    rng = np.random.default_rng(5)
+    first = rng.integers(0, 3, size=(40, 9)).astype(np.float64)  # heavy ties
+    truth = rng.integers(0, 9, size=40)
+    mask = truth[:, None] == np.arange(9)[None, :]
+    asked = []
+
+    def loses(rows):
+        asked.append(rows.copy())
+        return mask[rows]
+
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMS", 30)  # 3 rows a block
+    cand = topk_candidates(first, 4, loses_ties=loses)
+    reference = [sorted(range(9), key=lambda i: (-first[q, i], mask[q, i], i))[:4] for q in range(40)]
+    assert [sorted(c) for c in cand.tolist()] == [sorted(r) for r in reference]  # the same candidates, each row
+    assert len(np.concatenate(asked)) < 40  # asked only about rows with a tie at the cut
 
 
 def test_k_larger_than_n_raises_naming_both():
