@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,13 +12,23 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
-from pipeline.ffmpeg import ffmpeg_exe, passthrough_option
+from pipeline.ffmpeg import ffmpeg_exe, has_filter, passthrough_option
+
+log = logging.getLogger(__name__)
 
 
 # framecrc lines: stream, dts, pts, duration, size, checksum, then flags unless the packet is only a keyframe
 _PACKET = re.compile(rb"\d+, *(-?\d+), *(-?\d+), *-?\d+, *\d+, *0x[0-9a-f]+(?:, F=0x([0-9A-F]+))?")
 _NOPTS = -(2**63)  # AV_NOPTS_VALUE
 _DISCARD = 0x4  # AV_PKT_FLAG_DISCARD
+# ffmpeg's description of an input video stream, e.g. "Video: h264 (...), yuv420p10le(tv, bt2020nc/bt2020/arib-std-b67, ..."
+_VIDEO_LINE = re.compile(r"Stream #\d+:\d+.*: Video: (?!.*\(attached pic\))(.*)")
+# HDR transfers (PQ, HLG): to SDR through linear light, primaries to BT.709, then mobius, which keeps what lies in the
+# SDR range nearly as it is and rolls off the highlights above it (a player tone-maps likewise)
+_HDR = ("smpte2084", "arib-std-b67")
+_TONE_MAP = (("zscale", {"t": "linear", "npl": 100}), ("format", {"pix_fmts": "gbrpf32le"}), ("zscale", {"p": "bt709"}),
+             ("tonemap", {"tonemap": "mobius"}), ("zscale", {"t": "bt709", "m": "bt709", "r": "tv"}),
+             ("format", {"pix_fmts": "yuv420p"}))
 
 
 class DecodeError(Exception):
@@ -38,7 +49,12 @@ VIDEO_STREAM = "V:0"
 
 
 def frame_times(path: Path, decode: bool = False) -> list[int]:
-    """Timestamps (ascending, in ticks of one time base) of the frames the decoder outputs for the video stream.
+    """Timestamps (ascending, in ticks of one time base) of the frames the decoder outputs for the video stream."""
+    return _demux(path, decode)[0]
+
+
+def _demux(path: Path, decode: bool = False) -> tuple[list[int], bool]:
+    """frame_times, and whether the video stream is HDR (a PQ or HLG transfer, from ffmpeg's stream description).
 
     The framecrc muxer writes one line per packet to stdout; ffmpeg's own "frame=" stats line is not used, as
     ffmpeg 7.0 leaves the count out of it when the stream is copied. By default the packets are only demuxed, which
@@ -56,16 +72,18 @@ def frame_times(path: Path, decode: bool = False) -> list[int]:
     else:
         stream = ffmpeg.input(str(path)).output("-", map=f"0:{VIDEO_STREAM}", c="copy", f="framecrc")
     try:
-        out, _ = stream.run(cmd=exe, capture_stdout=True, capture_stderr=True)
+        out, err = stream.run(cmd=exe, capture_stdout=True, capture_stderr=True)
     except ffmpeg.Error as e:
         raise DecodeError(_reason(e.stderr)) from None
+    video = _VIDEO_LINE.search(err.decode("utf-8", "replace"))
+    hdr = bool(video) and any(transfer in video[1] for transfer in _HDR)
     packets = [(int(m[1]), int(m[2])) for m in map(_PACKET.match, out.splitlines())
                if m and not int(m[3] or b"0", 16) & _DISCARD]  # (dts, pts)
     # Without a presentation timestamp on every packet (H.264 in AVI; MPEG-PS, which stamps only some), every
     # packet is timed by its decoding timestamp: one clock for all, where mixing the two put B-frames at the times
     # of others and pulled a constant-frame-rate clip off its sample points.
     by_dts = any(pts == _NOPTS for _, pts in packets)
-    return sorted(dts if by_dts else pts for dts, pts in packets)
+    return sorted(dts if by_dts else pts for dts, pts in packets), hdr
 
 
 def sample_indices(times: Sequence[int], n_frames: int) -> list[int]:
@@ -95,15 +113,15 @@ def decode_video(path: Path, n_frames: int, size: int) -> DecodedVideo:
         raise DecodeError("file not found")
     if path.stat().st_size == 0:
         raise DecodeError("empty file (0 bytes)")
-    times = frame_times(path)
+    times, hdr = _demux(path)
     wanted = sample_indices(times, n_frames)
     # the last frame counted comes along as a witness that the decoder outputs every frame counted
     witness = [len(times) - 1] if wanted and wanted[-1] < len(times) - 1 else []
-    frames = _select_frames(path, wanted + witness, size)
+    frames = _select_frames(path, wanted + witness, size, hdr)
     if len(frames) < len(wanted) + len(witness) and len(wanted) < len(times):
         # fewer frames came out than packets were counted: sample again over the frames the decoder outputs
         wanted = sample_indices(frame_times(path, decode=True), n_frames)
-        frames = _select_frames(path, wanted, size)
+        frames = _select_frames(path, wanted, size, hdr)
     n_got = min(len(frames), len(wanted))
     if n_got == 0:
         raise DecodeError("no decodable video frames")
@@ -120,15 +138,22 @@ def _evenly_spaced(times: Sequence[int]) -> bool:
     return all(abs((t - times[0]) * n - k * span) <= n for k, t in enumerate(times))
 
 
-def _select_frames(path: Path, indices: list[int], size: int) -> np.ndarray:
-    """The frames [K, S, S, 3] at these indices of the decoder's output, resized and cropped; fewer if it has fewer."""
+def _select_frames(path: Path, indices: list[int], size: int, hdr: bool = False) -> np.ndarray:
+    """The frames [K, S, S, 3] at these indices of the decoder's output, resized and cropped; fewer if it has fewer.
+    hdr: tone-mapped to SDR first, as players show them (a straight conversion leaves them dull and dark)."""
     if not indices:
         return np.zeros((0, size, size, 3), dtype=np.uint8)
     select = "+".join(f"eq(n,{i})" for i in indices)  # ffmpeg-python escapes the commas
     exe = ffmpeg_exe()
+    stream = ffmpeg.input(str(path), threads=1)[VIDEO_STREAM].filter("select", select)
+    if hdr and has_filter(exe, "zscale"):
+        for name, options in _TONE_MAP:
+            stream = stream.filter(name, **options)
+    elif hdr:
+        log.warning("%s: HDR video, but %s has no zscale filter (libzimg) to tone-map it: its colours come out dull",
+                    path, exe)
     stream = (
-        ffmpeg.input(str(path), threads=1)[VIDEO_STREAM]
-        .filter("select", select)
+        stream
         # Non-square pixels (DVD, DV, anamorphic HD) to the shape players show, before the crop; with square pixels
         # (or none recorded) this scale keeps the size and ffmpeg passes the frames through untouched.
         .filter("scale", "if(eq(sar,1),iw,round(iw*sar))", "ih", flags="bicubic")

@@ -29,3 +29,10 @@ def passthrough_option(exe: str) -> dict[str, str]:
     if release and (int(release[1]), int(release[2])) < (5, 1):
         return {"vsync": "passthrough"}
     return {"fps_mode": "passthrough"}
+
+
+@functools.lru_cache(maxsize=None)
+def has_filter(exe: str, name: str) -> bool:
+    """Whether this ffmpeg build has the filter (zscale needs libzimg, which not every build links)."""
+    listing = subprocess.run([exe, "-hide_banner", "-filters"], capture_output=True, text=True).stdout
+    return any(line.split()[1:2] == [name] for line in listing.splitlines())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.decode import DecodeError, decode_video, frame_times, sample_indices
-from pipeline.ffmpeg import ffmpeg_exe, passthrough_option
+from pipeline.ffmpeg import ffmpeg_exe, has_filter, passthrough_option
 from tests.conftest import level_frames, write_video
 
 
@@ -159,6 +159,24 @@ def test_non_square_pixels_are_cropped_as_players_show_them(tmp_path):
     left, right = out.frames[0, :, 1:7].reshape(-1, 3).mean(axis=0), out.frames[0, :, 9:15].reshape(-1, 3).mean(axis=0)
     assert left[1] > 240 and left[[0, 2]].max() < 15, left  # green
     assert right[2] > 240 and right[:2].max() < 15, right  # blue
+
+
+@pytest.mark.skipif(not has_filter(ffmpeg_exe(), "zscale"), reason="this ffmpeg has no zscale (libzimg)")
+def test_hdr_video_is_tone_mapped_as_players_show_it(tmp_path, monkeypatch, caplog):
+    # an orange and a grey half, encoded as a phone records HDR: HLG transfer, BT.2020, 10 bits
+    frame = np.zeros((64, 96, 3), dtype=np.uint8)
+    frame[:, :48], frame[:, 48:] = (200, 60, 30), (128, 128, 128)
+    hlg = ("zscale=t=arib-std-b67:p=bt2020:m=bt2020nc:r=limited:tin=bt709:pin=bt709:min=bt709:rin=full,"
+           "format=yuv420p10le")
+    path = write_video(tmp_path / "hlg.mp4", np.stack([frame] * 4), pix_fmt=None, vf=hlg, colorspace="bt2020nc",
+                       color_primaries="bt2020", color_trc="arib-std-b67")
+    out = decode_video(path, n_frames=1, size=32).frames[0].astype(int)
+    orange, grey = out[8:24, 2:10].reshape(-1, 3).mean(axis=0), out[8:24, 22:30].reshape(-1, 3).mean(axis=0)
+    assert np.abs(orange - (200, 60, 30)).max() < 20, orange  # straight to RGB: (109, 54, 31), dull and dark
+    assert np.abs(grey - 128).max() < 8, grey  # straight: 83
+    monkeypatch.setattr("pipeline.decode.has_filter", lambda exe, name: False)  # an ffmpeg built without libzimg
+    dull = decode_video(path, n_frames=1, size=32).frames[0].astype(int)
+    assert dull[8:24, 22:30].mean() < 100 and "HDR video, but" in caplog.text and "no zscale filter" in caplog.text
 
 
 def test_cover_art_is_not_taken_for_the_video(tmp_path):
