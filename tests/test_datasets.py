@@ -359,12 +359,24 @@ def test_msrvtt_jsfusion_1k_a(tmp_path: Path, delimiter: str, newline: str, bom:
         ("video1", "test", ("a car, driving fast",)),
         ("video11", "test", ("a girl is singing",)),
     ]
+    # without a train list, every other video trains (JSFusion's 9k: official validate and test videos too)
     assert [(r.video_id, r.split) for r in records if r.split != "test"] == [
         ("video0", "train"),
         ("video2", "train"),
-        ("video3", "val"),
+        ("video3", "train"),
+        ("video10", "train"),
+        ("video12", "train"),
     ]
     assert _by_id(records)["video0"].captions == ("a man talks", "someone speaks")
+
+
+def test_msrvtt_train_7k_list_when_no_9k(tmp_path: Path) -> None:
+    _zip(tmp_path / "train_val_annotation.zip", "train_val_videodatainfo.json", TRAIN_VAL)
+    _zip(tmp_path / "test_videodatainfo.json.zip", "test_videodatainfo.json", TEST)
+    _jsfusion(tmp_path / "MSRVTT_JSFUSION_test.csv", [("video11", "a girl sings")])
+    (tmp_path / "MSRVTT_train.7k.csv").write_text("video_id\nvideo0\nvideo3\n")
+    records = load_records("msrvtt", tmp_path)
+    assert [(r.video_id, r.split) for r in records] == [("video0", "train"), ("video3", "train"), ("video11", "test")]
 
 
 def test_msrvtt_train_9k(tmp_path: Path) -> None:
@@ -681,4 +693,5 @@ def test_real_msrvtt_jsfusion_1k_a(tmp_path: Path) -> None:
     assert all(len(r.captions) == 1 for r in test)
     by_id = _by_id(test)
     assert by_id["video9770"].captions == ("a person is connecting something to system",)
-    assert Counter(r.split for r in records if r.split != "test") == {"train": 6513, "val": 497}
+    train = [r for r in records if r.split == "train"]  # JSFusion's 9k, derived: every other video, all its captions
+    assert len(train) == 9000 and sum(len(r.captions) for r in train) == 180_000 and len(records) == 10_000

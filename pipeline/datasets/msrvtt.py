@@ -3,11 +3,13 @@
 
 Splits: official train -> train, validate -> val, test -> test. With the JSFusion CSV, test is its
 1,000 videos with its one sentence each; train is then `MSRVTT_train.9k.csv`'s videos (all their
-sentences) when that file is present, else the official train/validate videos not in 1k-A.
+sentences) when that file is present, else `MSRVTT_train.7k.csv`'s, else every other MSR-VTT video: the
+9,000 of JSFusion's protocol, the same set as the 9k list's. No val split then, as in the field.
 """
 
 from __future__ import annotations
 
+import logging
 import zipfile
 from collections import defaultdict
 from pathlib import Path
@@ -33,11 +35,14 @@ OFFICIAL = ("train_val_videodatainfo.json", "test_videodatainfo.json")
 MERGED = "MSRVTT_data.json"
 JSFUSION = "MSRVTT_JSFUSION_test.csv"
 TRAIN_9K = "MSRVTT_train.9k.csv"
+TRAIN_7K = "MSRVTT_train.7k.csv"
 OFFICIAL_SPLITS = {"train": "train", "validate": "val", "test": "test"}
 LAYOUT = (
     f"{' and '.join(OFFICIAL)} (loose or in the official zips) or {MERGED}, optionally {JSFUSION} "
-    f"and {TRAIN_9K}, and the videos anywhere below (e.g. videos/all/video0.mp4)"
+    f"and {TRAIN_9K} or {TRAIN_7K}, and the videos anywhere below (e.g. videos/all/video0.mp4)"
 )
+
+log = logging.getLogger(__name__)
 
 
 @register("msrvtt")
@@ -104,12 +109,14 @@ def _one_k_a(data_root: Path, official: SplitTable, captions: dict[str, list[str
         video_id = row["video_id"].strip()
         splits.add(video_id, "test", str(path))
         captions[video_id] = clean_captions([row["sentence"]], str(path), video_id)
-    train_9k = data_root / TRAIN_9K
-    if train_9k.is_file():
-        for _, row in read_csv(train_9k, ("video_id",)):
-            splits.add(row["video_id"].strip(), "train", str(train_9k))
-    else:
-        for video_id, split in official.split.items():
-            if split != "test" and video_id not in splits:
-                splits.add(video_id, split, "the official annotations")
+    train_list = next((data_root / name for name in (TRAIN_9K, TRAIN_7K) if (data_root / name).is_file()), None)
+    if train_list is not None:
+        for _, row in read_csv(train_list, ("video_id",)):
+            splits.add(row["video_id"].strip(), "train", str(train_list))
+        return splits
+    trained = [video_id for video_id in official.split if video_id not in splits]
+    for video_id in trained:
+        splits.add(video_id, "train", "the official annotations")
+    log.info("%s: 1k-A without %s: training on the other %d videos (JSFusion's 9k; no val split)", data_root,
+             TRAIN_9K, len(trained))
     return splits
