@@ -564,6 +564,15 @@ def test_manifest_missing_column(tmp_path: Path) -> None:
     _error(err, str(tmp_path / "manifest.csv"), "missing column 'caption'")
 
 
+def test_manifest_row_with_more_fields_than_columns(tmp_path: Path) -> None:
+    (tmp_path / "manifest.csv").write_text("video,split,caption\na.mp4,train,a cat, asleep on a mat\n")
+    with pytest.raises(UserError) as err:  # the caption would have been cut to "a cat"
+        read_manifest(tmp_path)
+    _error(err, f"{tmp_path / 'manifest.csv'} line 2: 4 fields for 3 columns", "quote the fields")
+    (tmp_path / "manifest.csv").write_text("video,split,caption\na.mp4,train,a cat,,\n")  # trailing empty ones: fine
+    assert [r.captions for r in read_manifest(tmp_path)] == [("a cat",)]
+
+
 def test_manifest_jsonl_missing_key(tmp_path: Path) -> None:
     (tmp_path / "manifest.jsonl").write_text('{"video": "a.mp4", "caption": "x"}\n')
     with pytest.raises(UserError) as err:

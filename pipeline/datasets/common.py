@@ -112,6 +112,9 @@ def read_csv(path: Path, required: Sequence[str]) -> list[tuple[int, dict[str, s
                 columns = [c.strip() for c in fields]
                 _require_columns(path, columns, required)
                 continue
+            if any(f.strip() for f in fields[len(columns):]):  # a caption cut at an unquoted delimiter, silently
+                raise UserError(f"{path} line {reader.line_num}: {len(fields)} fields for {len(columns)} columns; "
+                                "quote the fields that hold the delimiter (\"a cat, asleep\")")
             # Short rows get empty strings so a missing value reads like an empty one.
             fields = fields + [""] * (len(columns) - len(fields))
             out.append((reader.line_num, dict(zip(columns, fields))))
