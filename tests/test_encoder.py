@@ -95,6 +95,25 @@ def test_text_layers_differ_and_count_from_the_end(encoder):
     assert not second[0, 9:].any() and second[0, :9].abs().sum(-1).min() > 0  # padding still zeroed
 
 
+@pytest.mark.parametrize("text_layer", [0, 2, -1])
+def test_captions_cut_short_run_the_text_tower_over_their_positions_only_with_the_same_result(text_layer):
+    import contextlib
+
+    short = FrozenEncoder(DEFAULT_MODEL, device=torch.device("cpu"), max_text_tokens=12, text_layer=text_layer)
+    captions = ["a red circle moves to the left", "word " * 40, "a blue square above a green star"]
+    seen = []
+    short.model.transformer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    tokens, lengths, emb = short.encode_captions(captions)
+    assert seen == [12]  # 12 of the context's 32 positions
+    assert short.model.positional_embedding.shape[0] == short.model.attn_mask.shape[0] == 32  # put back
+    whole = contextlib.contextmanager(lambda n: iter([short.info.context_length]))  # the whole context, as before
+    short._text_positions = whole
+    ref_tokens, ref_lengths, ref_emb = short.encode_captions(captions)
+    assert seen == [12, 32] and (lengths == ref_lengths).all()
+    torch.testing.assert_close(tokens, ref_tokens, rtol=1e-5, atol=1e-5)  # only float rounding: another matmul shape
+    torch.testing.assert_close(emb, ref_emb, rtol=1e-5, atol=1e-5)
+
+
 def test_more_text_tokens_than_the_model_reads_are_capped_with_a_warning(caplog):
     capped = FrozenEncoder(DEFAULT_MODEL, device=torch.device("cpu"), max_text_tokens=40)
     assert capped.max_text_tokens == capped.info.context_length == 32
