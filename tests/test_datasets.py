@@ -370,6 +370,15 @@ def test_msrvtt_jsfusion_1k_a(tmp_path: Path, delimiter: str, newline: str, bom:
     assert _by_id(records)["video0"].captions == ("a man talks", "someone speaks")
 
 
+def test_msrvtt_1k_a_video_unknown_to_the_annotations_is_warned_about(tmp_path: Path, caplog) -> None:
+    _write_json(tmp_path / "train_val_videodatainfo.json", TRAIN_VAL)
+    _write_json(tmp_path / "test_videodatainfo.json", TEST)
+    _jsfusion(tmp_path / "MSRVTT_JSFUSION_test.csv", [("video11", "a girl sings"), ("video99", "a typo")])
+    records = load_records("msrvtt", tmp_path)
+    assert [r.video_id for r in records if r.split == "test"] == ["video11", "video99"]
+    assert "1 video(s) not in the MSR-VTT annotations (first: video99)" in caplog.text
+
+
 def test_msrvtt_train_7k_list_when_no_9k(tmp_path: Path) -> None:
     _zip(tmp_path / "train_val_annotation.zip", "train_val_videodatainfo.json", TRAIN_VAL)
     _zip(tmp_path / "test_videodatainfo.json.zip", "test_videodatainfo.json", TEST)

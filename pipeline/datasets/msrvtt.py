@@ -105,10 +105,16 @@ def _one_k_a(data_root: Path, official: SplitTable, captions: dict[str, list[str
     """1k-A splits; captions of the test videos are replaced by the JSFusion sentence."""
     path = data_root / JSFUSION
     splits = SplitTable()
+    unknown = []
     for _, row in read_csv(path, ("video_id", "sentence")):
         video_id = row["video_id"].strip()
         splits.add(video_id, "test", str(path))
         captions[video_id] = clean_captions([row["sentence"]], str(path), video_id)
+        if video_id not in official.split:
+            unknown.append(video_id)
+    if unknown:  # a typo in the CSV makes a test video that MSR-VTT does not have (found on disk or not)
+        log.warning("%s: %d video(s) not in the MSR-VTT annotations (first: %s)", path, len(unknown),
+                    ", ".join(unknown[:3]))
     train_list = next((data_root / name for name in (TRAIN_9K, TRAIN_7K) if (data_root / name).is_file()), None)
     if train_list is not None:
         for _, row in read_csv(train_list, ("video_id",)):
