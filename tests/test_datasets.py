@@ -573,6 +573,18 @@ def test_manifest_missing_column(tmp_path: Path) -> None:
     _error(err, str(tmp_path / "manifest.csv"), "missing column 'caption'")
 
 
+def test_manifest_one_file_under_two_names_in_two_splits(tmp_path: Path) -> None:
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "v.mp4").write_bytes(b"")
+    (tmp_path / "alias").symlink_to(tmp_path / "clips")
+    (tmp_path / "manifest.csv").write_text("video,caption,split\nclips/v.mp4,a dog,train\nalias/v.mp4,a dog,test\n")
+    with pytest.raises(UserError) as err:
+        read_manifest(tmp_path)
+    _error(err, "'clips/v.mp4' (train) and 'alias/v.mp4' (test) are one file", "give each video one split")
+    (tmp_path / "manifest.csv").write_text("video,caption,split\nclips/v.mp4,a dog,train\nalias/v.mp4,a dog,train\n")
+    assert len(read_manifest(tmp_path)) == 2  # one split: no leak, each name its own record as before
+
+
 def test_manifest_row_with_more_fields_than_columns(tmp_path: Path) -> None:
     (tmp_path / "manifest.csv").write_text("video,split,caption\na.mp4,train,a cat, asleep on a mat\n")
     with pytest.raises(UserError) as err:  # the caption would have been cut to "a cat"

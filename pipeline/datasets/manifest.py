@@ -62,6 +62,14 @@ def read_manifest(data_root: Path) -> list[VideoRecord]:
         splits.add(video_id, parse_split(split, {s: s for s in SPLITS}, where, video_id), str(path), repeats_ok=True)
         captions[video_id].append(caption)
         paths[video_id] = video_path
+    # One file under two names (a symlinked folder; a relative and an absolute path) is one video: in two splits it
+    # would leak its test captions into training
+    named: dict[str, str] = {}
+    for video_id, video_path in paths.items():
+        first = named.setdefault(os.path.realpath(video_path), video_id)
+        if splits.split[first] != splits.split[video_id]:
+            raise UserError(f"{path}: '{first}' ({splits.split[first]}) and '{video_id}' ({splits.split[video_id]}) "
+                            f"are one file, {os.path.realpath(video_path)}; give each video one split")
     cleaned = {video_id: clean_captions(caps, str(path), video_id) for video_id, caps in captions.items()}
     return build_records(splits.split, cleaned, paths.__getitem__, str(path))
 
