@@ -379,28 +379,22 @@ def test_msrvtt_1k_a_video_unknown_to_the_annotations_is_warned_about(tmp_path: 
     assert "1 video(s) not in the MSR-VTT annotations (first: video99)" in caplog.text
 
 
-def test_msrvtt_train_7k_list_when_no_9k(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lists, trained", [
+    ({"MSRVTT_train.9k.csv": ["video0", "video3", "video10"]}, ["video0", "video3", "video10"]),
+    ({"MSRVTT_train.7k.csv": ["video0", "video3"]}, ["video0", "video3"]),
+    ({"MSRVTT_train.9k.csv": ["video0"], "MSRVTT_train.7k.csv": ["video3"]}, ["video0"]),  # 9k, the protocol, wins
+])
+def test_msrvtt_train_list(tmp_path: Path, lists: dict[str, list[str]], trained: list[str]) -> None:
     _zip(tmp_path / "train_val_annotation.zip", "train_val_videodatainfo.json", TRAIN_VAL)
     _zip(tmp_path / "test_videodatainfo.json.zip", "test_videodatainfo.json", TEST)
     _jsfusion(tmp_path / "MSRVTT_JSFUSION_test.csv", [("video11", "a girl sings")])
-    (tmp_path / "MSRVTT_train.7k.csv").write_text("video_id\nvideo0\nvideo3\n")
-    records = load_records("msrvtt", tmp_path)
-    assert [(r.video_id, r.split) for r in records] == [("video0", "train"), ("video3", "train"), ("video11", "test")]
-
-
-def test_msrvtt_train_9k(tmp_path: Path) -> None:
-    _zip(tmp_path / "train_val_annotation.zip", "train_val_videodatainfo.json", TRAIN_VAL)
-    _zip(tmp_path / "test_videodatainfo.json.zip", "test_videodatainfo.json", TEST)
-    _jsfusion(tmp_path / "MSRVTT_JSFUSION_test.csv", [("video11", "a girl sings")])
-    (tmp_path / "MSRVTT_train.9k.csv").write_text("video_id\nvideo0\nvideo3\nvideo10\n")
+    for name, ids in lists.items():
+        (tmp_path / name).write_text("video_id\n" + "".join(f"{v}\n" for v in ids))
 
     records = load_records("msrvtt", tmp_path)
 
-    assert [(r.video_id, r.split, len(r.captions)) for r in records] == [
-        ("video0", "train", 2),
-        ("video3", "train", 2),
-        ("video10", "train", 2),
-        ("video11", "test", 1),
+    assert [(r.video_id, r.split, len(r.captions)) for r in records] == [(v, "train", 2) for v in trained] + [
+        ("video11", "test", 1)
     ]
 
 
