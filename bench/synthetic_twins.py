@@ -33,8 +33,7 @@ from pipeline.synthetic import read_plan, true_of  # noqa: E402
 from reranker import metrics as M  # noqa: E402
 from reranker.data import SplitFeatures  # noqa: E402
 from reranker.evaluate import first_stage_sims, rerank  # noqa: E402
-from reranker.train import check_compatible  # noqa: E402
-from reranker.train import load_model  # noqa: E402
+from reranker.train import check_compatible, load_model  # noqa: E402
 
 KINDS = ("colour", "direction", "order", "position", None)
 

@@ -434,13 +434,14 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     steps_per_epoch = len(_epoch_plan(feats, cfg, 0))
     total = cfg.epochs * steps_per_epoch
     step, best, last_score = 0, -math.inf, None  # last_score: the last epoch's validation score (see below)
+    signatures = {"cache_signature": cache_signature(cache), "split": split_signature(feats)}  # kept in checkpoints
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
     if resume:
         state = load_checkpoint(run / "last.pt")
         check_compatible(state["cache_signature"], cache, run, "a resumed run trains on the features it started on: "
                          "start a new --run")
-        started_on, now = state.get("split"), split_signature(feats)  # runs older than it do not record it
+        started_on, now = state.get("split"), signatures["split"]  # runs older than it do not record it
         if started_on is not None and started_on != now:
             raise UserError(f"{run}: started on {started_on['videos']} videos / {started_on['captions']} captions of "
                             f"'{cfg.split}', {cache.path} now holds {now['videos']} / {now['captions']} (extraction "
@@ -463,8 +464,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
         if rank != 0:
             return
         state = {"model": model.state_dict(), "step": step, "best": best, "last_score": last_score,
-                 "torch_rng": torch.get_rng_state(), "model_config": asdict(model.config),
-                 "cache_signature": cache_signature(cache), "split": split_signature(feats)}
+                 "torch_rng": torch.get_rng_state(), "model_config": asdict(model.config), **signatures}
         if name == "last.pt":  # what a resume needs; best.pt is only evaluated (AdamW's moments: twice the weights)
             state["optimizer"] = opt.state_dict()
         save_checkpoint(run / name, state)
