@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 # framecrc lines: stream, dts, pts, duration, size, checksum, then flags unless the packet is only a keyframe
-_PACKET = re.compile(rb"\d+, *(-?\d+), *(-?\d+), *-?\d+, *\d+, *0x[0-9a-f]+(?:, F=0x([0-9A-F]+))?")
+_PACKET = re.compile(rb"\d+, *(-?\d+), *(-?\d+), *(-?\d+), *\d+, *0x[0-9a-f]+(?:, F=0x([0-9A-F]+))?")
 _NOPTS = -(2**63)  # AV_NOPTS_VALUE
 _DISCARD = 0x4  # AV_PKT_FLAG_DISCARD
 # ffmpeg's description of an input video stream, e.g. "Video: h264 (...), yuv420p10le(tv, bt2020nc/bt2020/arib-std-b67, ..."
@@ -48,13 +48,23 @@ class DecodedVideo:
 VIDEO_STREAM = "V:0"
 
 
+@dataclass(frozen=True)
+class Timeline:
+    """The video stream's frame timestamps (ascending, in ticks of one time base), how long its last frame lasts
+    (0 when the container does not say), and whether it is HDR (a PQ or HLG transfer)."""
+
+    times: list[int]
+    last_duration: int
+    hdr: bool
+
+
 def frame_times(path: Path, decode: bool = False) -> list[int]:
     """Timestamps (ascending, in ticks of one time base) of the frames the decoder outputs for the video stream."""
-    return _demux(path, decode)[0]
+    return _demux(path, decode).times
 
 
-def _demux(path: Path, decode: bool = False) -> tuple[list[int], bool]:
-    """frame_times, and whether the video stream is HDR (a PQ or HLG transfer, from ffmpeg's stream description).
+def _demux(path: Path, decode: bool = False) -> Timeline:
+    """The video stream's Timeline; HDR is read from ffmpeg's stream description.
 
     The framecrc muxer writes one line per packet to stdout; ffmpeg's own "frame=" stats line is not used, as
     ffmpeg 7.0 leaves the count out of it when the stream is copied. By default the packets are only demuxed, which
@@ -77,27 +87,31 @@ def _demux(path: Path, decode: bool = False) -> tuple[list[int], bool]:
         raise DecodeError(_reason(e.stderr)) from None
     video = _VIDEO_LINE.search(err.decode("utf-8", "replace"))
     hdr = bool(video) and any(transfer in video[1] for transfer in _HDR)
-    packets = [(int(m[1]), int(m[2])) for m in map(_PACKET.match, out.splitlines())
-               if m and not int(m[3] or b"0", 16) & _DISCARD]  # (dts, pts)
+    packets = [(int(m[1]), int(m[2]), int(m[3])) for m in map(_PACKET.match, out.splitlines())
+               if m and not int(m[4] or b"0", 16) & _DISCARD]  # (dts, pts, duration)
     # Without a presentation timestamp on every packet (H.264 in AVI; MPEG-PS, which stamps only some), every
     # packet is timed by its decoding timestamp: one clock for all, where mixing the two put B-frames at the times
     # of others and pulled a constant-frame-rate clip off its sample points.
-    by_dts = any(pts == _NOPTS for _, pts in packets)
-    return sorted(dts if by_dts else pts for dts, pts in packets), hdr
+    by_dts = any(pts == _NOPTS for _, pts, _ in packets)
+    timed = sorted((dts if by_dts else pts, duration) for dts, pts, duration in packets)
+    return Timeline([t for t, _ in timed], max(timed[-1][1], 0) if timed else 0, hdr)
 
 
-def sample_indices(times: Sequence[int], n_frames: int) -> list[int]:
+def sample_indices(times: Sequence[int], n_frames: int, last_duration: int = 0) -> list[int]:
     """Indices of the frames on screen at the centres of n_frames equal segments of the clip's duration.
 
-    times are the frames' timestamps in ascending order; the last frame lasts as long as the one before it. A frame
-    already taken gives way to the next one. All frames when there are no more than n_frames.
+    times are the frames' timestamps in ascending order; the last frame lasts last_duration ticks (a GIF may hold
+    it for seconds), or as long as the one before it when that is 0 (unknown). A frame already taken gives way to
+    the next one. All frames when there are no more than n_frames.
     """
     n = len(times)
     if n <= n_frames:
         return list(range(n))
-    if _evenly_spaced(times):
-        times = range(n)  # constant frame rate: indices are exact where timestamps may be rounded (to 1 ms in mkv)
-    start, span = times[0], 2 * times[-1] - times[-2] - times[0]
+    last = last_duration or times[-1] - times[-2]
+    if _evenly_spaced(times) and abs(last * (n - 1) - (times[-1] - times[0])) <= n - 1:
+        # constant frame rate: indices are exact where timestamps may be rounded (to 1 ms in mkv)
+        times, last = range(n), 1
+    start, span = times[0], times[-1] + last - times[0]
     scaled = [2 * n_frames * (t - start) for t in times]  # integers, so that a centre on a frame boundary is exact
     picked: list[int] = []
     for i in range(n_frames):
@@ -113,15 +127,17 @@ def decode_video(path: Path, n_frames: int, size: int) -> DecodedVideo:
         raise DecodeError("file not found")
     if path.stat().st_size == 0:
         raise DecodeError("empty file (0 bytes)")
-    times, hdr = _demux(path)
-    wanted = sample_indices(times, n_frames)
+    timeline = _demux(path)
+    n = len(timeline.times)
+    wanted = sample_indices(timeline.times, n_frames, timeline.last_duration)
     # the last frame counted comes along as a witness that the decoder outputs every frame counted
-    witness = [len(times) - 1] if wanted and wanted[-1] < len(times) - 1 else []
-    frames = _select_frames(path, wanted + witness, size, hdr)
-    if len(frames) < len(wanted) + len(witness) and len(wanted) < len(times):
+    witness = [n - 1] if wanted and wanted[-1] < n - 1 else []
+    frames = _select_frames(path, wanted + witness, size, timeline.hdr)
+    if len(frames) < len(wanted) + len(witness) and len(wanted) < n:
         # fewer frames came out than packets were counted: sample again over the frames the decoder outputs
-        wanted = sample_indices(frame_times(path, decode=True), n_frames)
-        frames = _select_frames(path, wanted, size, hdr)
+        decoded = _demux(path, decode=True)
+        wanted = sample_indices(decoded.times, n_frames, decoded.last_duration)
+        frames = _select_frames(path, wanted, size, timeline.hdr)
     n_got = min(len(frames), len(wanted))
     if n_got == 0:
         raise DecodeError("no decodable video frames")

@@ -120,6 +120,22 @@ def test_variable_frame_rate_is_sampled_uniformly_in_time(tmp_path):
     assert all(abs(t - c) <= segment / 2 for t, c in zip(sampled, centres)), sampled
 
 
+def test_a_gif_holding_its_last_frame_is_sampled_over_its_whole_duration(tmp_path):
+    # 40 frames of 0.1 s, the last held 4 s more (the GIF's own delay): 7.9 s. Each frame's index is drawn as six
+    # black or white bars, which survive GIF's palette.
+    bits = (np.arange(40)[:, None] >> np.arange(6)) & 1
+    frames = np.repeat(np.repeat(bits[:, None, :] * 255, 48, axis=1), 8, axis=2).astype(np.uint8)
+    path = write_video(tmp_path / "held.gif", np.repeat(frames[..., None], 3, axis=3), fps=10, vcodec="gif",
+                       pix_fmt="rgb8", final_delay=400, qp=None)
+    out = decode_video(path, n_frames=8, size=24)
+    assert out.mask.all()
+    sampled = ((out.frames[:, 12, 2::4, 0] > 127) @ (1 << np.arange(6))).tolist()
+    on_screen = [min(int((i + 0.5) * 7.9 / 8 * 10), 39) for i in range(8)]  # 4, 14, 24, 34, then the held frame
+    assert sampled[:4] == on_screen[:4]
+    # the other centres all fall on the held frame: it is taken last, the frames before it give way
+    assert sampled[4:] == [36, 37, 38, 39]
+
+
 def test_packets_the_decoder_rejects_are_not_sampled(tmp_path):
     # an MJPEG AVI with frames 20 to 39 blanked out: 60 packets, but the decoder outputs 40 frames
     path = write_video(tmp_path / "damaged.avi", index_frames(60), fps=30, vcodec="mjpeg", pix_fmt="yuvj444p")
