@@ -123,8 +123,8 @@ def sample_indices(times: Sequence[int], n_frames: int, last_duration: int = 0) 
 def decode_video(path: Path, n_frames: int, size: int) -> DecodedVideo:
     """Decode n_frames frames sampled uniformly in time, resized (shorter side) and center-cropped to size."""
     path = Path(path)
-    if not path.is_file():
-        raise DecodeError("file not found")
+    if not path.is_file():  # a FIFO or a device would block ffmpeg's read (or never end)
+        raise DecodeError("not a regular file" if path.exists() else "file not found")
     if path.stat().st_size == 0:
         raise DecodeError("empty file (0 bytes)")
     timeline = _demux(path)

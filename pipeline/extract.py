@@ -79,9 +79,9 @@ class ExtractSummary:
 def _decode(path: Path, frames: int, size: int) -> tuple[str, DecodedVideo | str]:
     """(the file's source record, taken before decoding it; its frames, or why it could not be decoded)."""
     try:
-        source = video_source(path)
+        source = video_source(path) if path.is_file() else ""  # hashing a FIFO would wait forever
     except OSError:
-        source = ""  # missing or unreadable: decode_video says which
+        source = ""  # unreadable: decode_video says why
     try:
         return source, decode_video(path, frames, size)
     except DecodeError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import ffmpeg
@@ -212,6 +213,8 @@ def test_cover_art_is_not_taken_for_the_video(tmp_path):
         (lambda p: p.write_bytes(b""), "empty file"),
         (lambda p: p.write_text("this is not a video\n" * 20), "Invalid data"),
         (lambda p: None, "file not found"),
+        (lambda p: os.mkfifo(p), "not a regular file"),  # opening it would wait for a writer forever
+        (lambda p: p.symlink_to("/dev/zero"), "not a regular file"),  # endless
     ],
 )
 def test_bad_files_raise_with_reason(tmp_path, make, reason):

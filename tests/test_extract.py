@@ -164,17 +164,20 @@ def test_crash_then_resume_equals_uninterrupted_run(extracted, tiny_dataset, tmp
 def test_undecodable_videos_are_recorded_and_the_run_goes_on(tiny_dataset, tmp_path):
     (tiny_dataset / "videos" / "not a video é.mp4").write_text("hello\n" * 50)
     (tiny_dataset / "videos" / "empty.mp4").write_bytes(b"")
+    os.mkfifo(tiny_dataset / "videos" / "pipe.mp4")  # reading it (to hash or decode) would wait forever
     with open(tiny_dataset / "manifest.csv", "a") as f:
         f.write("videos/not a video é.mp4,a text file renamed,train\n")
         f.write("videos/empty.mp4,zero bytes,train\n")
         f.write("videos/gone.mp4,missing on disk,test\n")
+        f.write("videos/pipe.mp4,a named pipe,test\n")
     result = CliRunner().invoke(cli.main, ["extract", "--dataset", "manifest", "--data-root", str(tiny_dataset),
                                            "--cache", str(tmp_path / "c.zarr")])
     assert result.exit_code == 0, result.output
-    assert "3 video(s) could not be decoded" in result.output
+    assert "4 video(s) could not be decoded" in result.output
     reasons = {f["video"]: f["reason"] for f in FeatureCache(tmp_path / "c.zarr").failures()}
     assert reasons["videos/empty.mp4"] == "empty file (0 bytes)"
     assert reasons["videos/gone.mp4"] == "file not found"
+    assert reasons["videos/pipe.mp4"] == "not a regular file"
     assert "Invalid data" in reasons["videos/not a video é.mp4"]
     assert (FeatureCache(tmp_path / "c.zarr").video_status() == DONE).sum() == 5
     strict = CliRunner().invoke(cli.main, ["extract", "--dataset", "manifest", "--data-root", str(tiny_dataset),
