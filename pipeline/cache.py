@@ -321,17 +321,19 @@ class FeatureCache:
         return np.asarray(self.group["video_split"][:], dtype=object)
 
     def video_status(self) -> np.ndarray:
-        return np.asarray(self.group["video_status"][:])
+        """PENDING, DONE or FAILED per video; a flag whose chunk is unreadable (torn) is PENDING, so it is redone."""
+        return self._read_rows("video_status")[0]
 
     def text_chunk_status(self) -> np.ndarray:
-        return np.asarray(self.group["text_chunk_status"][:])
+        """PENDING or DONE per caption chunk; an unreadable flag is PENDING, as in video_status."""
+        return self._read_rows("text_chunk_status")[0]
 
     def text_video(self) -> np.ndarray:
         return np.asarray(self.group["text_video"][:])
 
     def failures(self) -> list[dict]:
         """Failed videos with the recorded reason, in index order."""
-        failed = np.flatnonzero(self._read_rows("video_status")[0] == FAILED)
+        failed = np.flatnonzero(self.video_status() == FAILED)
         ids = self.video_ids()
         errors = self["video_error"]
 
@@ -368,7 +370,7 @@ class FeatureCache:
         """
         if "video_source" not in self._arrays:
             return []
-        sources, status = self._read_rows("video_source")[0], self._read_rows("video_status")[0]
+        sources, status = self._read_rows("video_source")[0], self.video_status()
         changed = []
         for i, path in zip(videos, paths):
             if status[i] != DONE or not path.is_file():
@@ -480,7 +482,7 @@ class FeatureCache:
 
     def describe(self, verify: bool = False) -> dict:
         """The facts `cli.py info` reports (JSON-serialisable); verify=True adds `damaged` (reads every chunk)."""
-        status = self._read_rows("video_status")[0]  # a damaged status chunk must not stop `info`
+        status = self.video_status()
         split = self.video_split()
         text_split = split[self.text_video()] if self.n_texts else np.array([], dtype=object)
         shapes = {name: {"shape": list(self.group[name].shape), "dtype": str(self.group[name].dtype)}
@@ -491,7 +493,7 @@ class FeatureCache:
             "videos_done": int((status == DONE).sum()),
             "videos_total": self.n_videos,
             "texts": self.n_texts,
-            "text_chunks_done": int((self._read_rows("text_chunk_status")[0] == DONE).sum()),
+            "text_chunks_done": int((self.text_chunk_status() == DONE).sum()),
             "text_chunks_total": self.n_text_chunks,
             "texts_truncated": self.attrs["texts_truncated"],
             "failed": self.failures(),

@@ -69,6 +69,18 @@ def test_missing_chunk_and_unreadable_status_are_found(fault_data, reference, co
     assert_same_cache(copy, reference)
 
 
+def test_torn_flags_are_redone_by_a_plain_rerun(fault_data, reference, copy, tmp_path):
+    # a kill while a flag is written leaves it empty: it reads as pending, so the same command simply redoes it
+    (copy / "video_status" / "c" / "3").write_bytes(b"")
+    (copy / "text_chunk_status" / "c" / "0").write_bytes(b"")
+    facts = FeatureCache(copy).describe()
+    assert (facts["videos_done"], facts["text_chunks_done"]) == (5, 0)
+    log = tmp_path / "rerun.log"
+    assert run_cli(extract_args(fault_data, copy), log=log) == 0, log.read_text()[-3000:]
+    assert_same_cache(copy, reference)
+    assert (copy / "video_status" / "c" / "3").stat().st_size > 0
+
+
 def test_repair_with_shards_is_refused(fault_data, copy):
     result = CliRunner().invoke(cli.main, [str(a) for a in extract_args(fault_data, copy, "--repair", "--shard", "0/2")])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "without --shard" in result.output
