@@ -96,7 +96,8 @@ class CacheSpec:
         }
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's first line (its type when it has no message), at most 160 characters: for one-line errors."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
@@ -248,7 +249,7 @@ class FeatureCache:
                 self._arrays[member.name] = self.group[member.name]
             except Exception as e:  # noqa: BLE001 - unparsable JSON, bad codec config, ...
                 raise UserError(
-                    f"{member / 'zarr.json'}: array metadata is damaged ({_first_line(e)}); "
+                    f"{member / 'zarr.json'}: array metadata is damaged ({first_line(e)}); "
                     "rebuild the cache with `extract --overwrite`"
                 ) from None
         store.blosc_chunk_bytes = {
@@ -458,7 +459,7 @@ class FeatureCache:
             try:
                 arr[row_chunk * arr.chunks[0]: (row_chunk + 1) * arr.chunks[0]]
             except Exception as e:  # noqa: BLE001 - any codec or shape error means the bytes are bad
-                return f"{name} chunk {key} unreadable ({_first_line(e)})"
+                return f"{name} chunk {key} unreadable ({first_line(e)})"
         return ""
 
     def mark_pending(self, damaged: list[dict]) -> None:

@@ -3,36 +3,74 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import FeatureCache
+from pipeline.cache import FeatureCache, first_line
 from pipeline.errors import UserError
 
 _STRINGS = ("video_ids", "video_paths", "video_split", "video_error", "video_source", "captions")
 
 
 def export_h5(cache: FeatureCache, out: Path, progress: bool = True) -> Path:
-    """Copy every array (and the metadata as attributes) into out, written atomically."""
+    """Copy every array (and the metadata as attributes) into out, written atomically.
+
+    Everything that can be checked before writing is (the folder, write permission, free space), so a refusal
+    costs nothing; a damaged cache chunk or a failed write leaves no partial file behind.
+    """
     out = Path(out)
     if out.is_dir() or not out.parent.is_dir():
         raise UserError(f"{out}: {'is a folder' if out.is_dir() else 'its folder does not exist'}; "
                         "pass --out a file path in an existing folder")
+    if out.resolve().is_relative_to(cache.path.resolve()):
+        raise UserError(f"{out}: lies inside the cache {cache.path}, which it would damage; pass --out a path outside it")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"{out}: its folder is not writable; pass --out a file path in a folder you can write to")
+    names = sorted(name for name, _ in cache.group.arrays())
+    need = sum(cache[name].nbytes for name in names if name not in _STRINGS)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise UserError(f"{out}: the export needs about {need / 1e6:,.1f} MB and {free / 1e6:,.1f} MB are free there; "
+                        "free space or pass --out a file on another disk")
     tmp = out.with_name(f".{out.name}.partial")
-    with h5py.File(tmp, "w") as h5:
-        h5.attrs.update({k: (str(v) if v is None or isinstance(v, (dict, list)) else v) for k, v in cache.attrs.items()})
-        names = sorted(name for name, _ in cache.group.arrays())
-        for name in tqdm(names, desc="export", unit="array", disable=not progress):
-            arr = cache[name]
-            if name in _STRINGS:
-                h5.create_dataset(name, data=np.asarray(arr[:], dtype=object), dtype=h5py.string_dtype())
-                continue
-            dset = h5.create_dataset(name, shape=arr.shape, dtype=arr.dtype, chunks=arr.chunks if arr.size else None)
-            step = arr.chunks[0]
-            for lo in range(0, arr.shape[0], step):  # chunk by chunk: never the whole array in memory
-                dset[lo: lo + step] = arr[lo: lo + step]
-    os.replace(tmp, out)
+    try:
+        with h5py.File(tmp, "w") as h5:
+            h5.attrs.update({k: (str(v) if v is None or isinstance(v, (dict, list)) else v)
+                             for k, v in cache.attrs.items()})
+            for name in tqdm(names, desc="export", unit="array", disable=not progress):
+                _copy_array(cache, name, h5)
+        os.replace(tmp, out)
+    except OSError as e:
+        # HDF5 puts the system's error number in its own long message
+        code = e.errno or next((int(n) for n in re.findall(r"errno = (\d+)", str(e))), None)
+        raise UserError(f"{out}: could not write it ({os.strerror(code) if code else first_line(e)}); free space or "
+                        "pass --out a file on another disk") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def _copy_array(cache: FeatureCache, name: str, h5: h5py.File) -> None:
+    """One cache array into h5, chunk by chunk (never the whole array in memory); a chunk that does not read back
+    is one line naming it and the fix."""
+    arr = cache[name]
+
+    def read(lo: int, hi: int) -> np.ndarray:
+        try:
+            return arr[lo:hi]
+        except Exception as e:  # noqa: BLE001 - any codec, shape or length error means damaged bytes
+            raise UserError(f"{cache.path}: {name} rows {lo}..{hi - 1} do not read back ({first_line(e)}); run "
+                            "`python cli.py info --verify` on it, then your extract command with --repair") from None
+
+    if name in _STRINGS:
+        h5.create_dataset(name, data=np.asarray(read(0, arr.shape[0]), dtype=object), dtype=h5py.string_dtype())
+        return
+    dset = h5.create_dataset(name, shape=arr.shape, dtype=arr.dtype, chunks=arr.chunks if arr.size else None)
+    step = arr.chunks[0]
+    for lo in range(0, arr.shape[0], step):
+        dset[lo: lo + step] = read(lo, lo + step)

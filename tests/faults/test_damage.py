@@ -81,6 +81,44 @@ def test_torn_flags_are_redone_by_a_plain_rerun(fault_data, reference, copy, tmp
     assert (copy / "video_status" / "c" / "3").stat().st_size > 0
 
 
+def _export(cache, out):
+    return CliRunner().invoke(cli.main, ["export-h5", "--cache", str(cache), "--out", str(out)])
+
+
+def test_export_of_a_damaged_cache_is_one_line_and_leaves_no_file(copy, tmp_path):
+    victim = copy / "patch_tokens" / "c" / "3" / "0" / "0" / "0"
+    victim.write_bytes(victim.read_bytes()[:100])
+    result = _export(copy, tmp_path / "x.h5")
+    error = result.output.splitlines()[-1]  # after the progress bar
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "patch_tokens rows 3..3 do not read back" in error and "--repair" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr"]  # neither x.h5 nor its partial file
+
+
+def test_export_refuses_a_path_inside_the_cache(copy, reference):
+    result = _export(copy, copy / "zarr.json")
+    assert result.exit_code == 2 and "lies inside the cache" in result.output, result.output
+    assert_same_cache(copy, reference)
+    assert FeatureCache(copy).verify() == []
+
+
+def test_export_on_a_full_disk_is_one_line_and_leaves_no_file(copy, tmp_path, monkeypatch):
+    out = tmp_path / "x.h5"
+    monkeypatch.setattr("shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    result = _export(copy, out)
+    assert result.exit_code == 2 and "MB are free there" in result.output, result.output
+    monkeypatch.undo()
+
+    def full(self, key, value):  # the space runs out while the features are written
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("h5py.Dataset.__setitem__", full)
+    result = _export(copy, out)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.splitlines()[-1].startswith(f"error: {out}: could not write it (No space left on device)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr"]
+
+
 def test_repair_with_shards_is_refused(fault_data, copy):
     result = CliRunner().invoke(cli.main, [str(a) for a in extract_args(fault_data, copy, "--repair", "--shard", "0/2")])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "without --shard" in result.output
