@@ -221,6 +221,16 @@ def _create_arrays(group: zarr.Group, spec: CacheSpec, records: list[VideoRecord
     array("text_chunk_status", (-(-N // chunk),), (1,), "int8", compress=False)
 
 
+def _foreign_group(path: Path) -> bool:
+    """Whether path holds a Zarr group that something else made: its metadata reads and records no schema_version.
+    Damaged metadata is taken for a cache's (rebuilding is its fix)."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "schema_version" not in (meta.get("attributes") or {})
+
+
 class FeatureCache:
     """One opened cache group: the only code that knows the array names."""
 
@@ -235,6 +245,9 @@ class FeatureCache:
             self.attrs = dict(self.group.attrs)
         except Exception as e:  # noqa: BLE001 - damaged metadata of any kind gets the same answer
             raise UserError(f"{self.path}: cache metadata is damaged ({e}); rebuild it with `extract --overwrite`") from None
+        if "schema_version" not in self.attrs:
+            raise UserError(f"{self.path}: a Zarr group, but not a feature cache (its zarr.json records no "
+                            "schema_version); pass --cache another folder")
         if self.attrs.get("schema_version") != SCHEMA_VERSION:
             raise UserError(
                 f"{self.path}: cache schema version {self.attrs.get('schema_version')} != {SCHEMA_VERSION} "
@@ -262,13 +275,18 @@ class FeatureCache:
         cls, path: Path, spec: CacheSpec, records: list[VideoRecord], text_lengths: np.ndarray, truncated: int,
         overwrite: bool = False,
     ) -> "FeatureCache":
-        """Open the cache for these records and this encoder, creating it (atomically) when absent."""
-        path = Path(path)
+        """Open the cache for these records and this encoder, creating it (atomically) when absent.
+
+        A --cache that is a symbolic link (to a cache on a bigger disk) stands for the folder it points to: that is
+        what --overwrite rebuilds, not the link.
+        """
+        path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
         with cache_lock(path):
             for stale in path.parent.glob(f".{path.name}.*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while creating
             if path.exists() and overwrite:
-                if not (path / "zarr.json").is_file() and (not path.is_dir() or any(path.iterdir())):
+                if not (path / "zarr.json").is_file() and (not path.is_dir() or any(path.iterdir())) \
+                        or _foreign_group(path):
                     raise UserError(f"{path}: not a feature cache, so --overwrite will not delete it; "
                                     "pass another --cache folder")
                 # renamed first: a run killed while deleting leaves a stale temp folder (removed above), not half a cache

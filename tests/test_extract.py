@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
 
 import cli
@@ -210,6 +211,16 @@ def test_cache_of_other_settings_is_refused_then_overwritten(extracted, tiny_dat
     assert FeatureCache(summary.cache)["frame_mask"].shape == (5, 8)
 
 
+def test_overwrite_through_a_symlink_rebuilds_the_cache_it_points_to(tiny_dataset, tmp_path):
+    real, link = tmp_path / "big disk" / "c.zarr", tmp_path / "c.zarr"
+    run_extract(_cfg(tiny_dataset, real, frames=4))
+    link.symlink_to(real)
+    summary = run_extract(_cfg(tiny_dataset, link, frames=8, overwrite=True))
+    assert summary.videos_done == 5
+    assert link.is_symlink() and link.resolve() == real.resolve()  # the link was renamed away and lost before
+    assert FeatureCache(real)["frame_mask"].shape == (5, 8)
+
+
 def test_overwrite_deletes_only_a_feature_cache(tiny_dataset, tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()
@@ -217,6 +228,13 @@ def test_overwrite_deletes_only_a_feature_cache(tiny_dataset, tmp_path):
     with pytest.raises(UserError, match=r"precious: not a feature cache, so --overwrite will not delete it"):
         run_extract(_cfg(tiny_dataset, precious, overwrite=True))
     assert (precious / "notes.txt").read_text() == "a week of work"
+    foreign = zarr.open_group(tmp_path / "foreign.zarr", mode="w")  # another tool's Zarr store
+    foreign.create_array("embeddings", shape=(3,), dtype="float32")[:] = [1, 2, 3]
+    with pytest.raises(UserError, match=r"foreign.zarr: a Zarr group, but not a feature cache .*another folder"):
+        run_extract(_cfg(tiny_dataset, tmp_path / "foreign.zarr"))
+    with pytest.raises(UserError, match=r"foreign.zarr: not a feature cache, so --overwrite will not delete it"):
+        run_extract(_cfg(tiny_dataset, tmp_path / "foreign.zarr", overwrite=True))
+    assert zarr.open_group(tmp_path / "foreign.zarr", mode="r")["embeddings"][:].tolist() == [1, 2, 3]
     empty = tmp_path / "empty"
     empty.mkdir()
     torch.manual_seed(0)
