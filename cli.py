@@ -114,7 +114,9 @@ def extract(dataset, data_root, cache, model, pretrained, frames, patch_layer, t
     except KeyboardInterrupt:
         _interrupted(f"finished videos and caption chunks are kept in {cache}; run the same command to continue")
     if repair:
-        click.echo(f"repaired {len(summary.repaired)} damaged video(s)/caption chunk(s)")
+        records = any("records" in d for d in summary.repaired)
+        click.echo(f"repaired {len(summary.repaired) - records} damaged video(s)/caption chunk(s)"
+                   + (", and wrote the annotations' arrays again" if records else ""))
     click.echo(f"cache {summary.cache}: {summary.videos_done}/{summary.videos_total} videos done, {summary.texts} captions")
     if summary.failed:
         click.echo(f"{len(summary.failed)} video(s) could not be decoded:")
@@ -159,7 +161,8 @@ def info(cache, as_json, verify) -> None:
         click.echo(f"failed       {f['video']}: {f['reason']}")
     if verify:
         for d in damaged:
-            what = d["video"] if "video" in d else f"captions {d['captions'][0]}-{d['captions'][1] - 1}"
+            what = (d["video"] if "video" in d else ", ".join(d["records"]) if "records" in d
+                    else f"captions {d['captions'][0]}-{d['captions'][1] - 1}")
             click.echo(f"damaged      {what}: {d['reason']}")
         click.echo(f"verified     {len(damaged)} damaged"
                    + ("; re-run your extract command with --repair to redo them" if damaged else ""))

@@ -125,9 +125,13 @@ def video_source(path: Path) -> str:
 
 def records_fingerprint(records: list[VideoRecord]) -> str:
     """A digest of ids, captions and splits, so a cache is never reused for a different video list."""
+    return _fingerprint((r.video_id, r.captions, r.split) for r in records)
+
+
+def _fingerprint(rows) -> str:
     digest = hashlib.sha256()
-    for r in records:
-        digest.update(json.dumps([r.video_id, list(r.captions), r.split]).encode())
+    for video_id, captions, split in rows:
+        digest.update(json.dumps([str(video_id), [str(c) for c in captions], str(split)]).encode())
     return digest.hexdigest()
 
 
@@ -195,30 +199,49 @@ def _create_arrays(group: zarr.Group, spec: CacheSpec, records: list[VideoRecord
         return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value,
                                   compressors=compressors if compress else None)
 
-    def strings(name, values, chunks=None):
-        arr = array(name, (len(values),), (chunks or max(len(values), 1),), str, compress=False, fill_value="")
-        if len(values) and chunks is None:
-            arr[:] = np.array(values, dtype=object)
-        return arr
+    def strings(name, n, chunks=None):
+        return array(name, (n,), (chunks or max(n, 1),), str, compress=False, fill_value="")
 
-    strings("video_ids", [r.video_id for r in records])
-    strings("video_paths", [str(r.path) for r in records])
-    strings("video_split", [r.split for r in records])
+    for name in ("video_ids", "video_paths", "video_split"):
+        strings(name, V)
     array("video_status", (V,), (1,), "int8", compress=False)
-    strings("video_error", [""] * V, chunks=1)
-    strings("video_source", [""] * V, chunks=1)
+    strings("video_error", V, chunks=1)
+    strings("video_source", V, chunks=1)
     array("patch_tokens", (V, T, P, W), (1, T, P, W), "float16")
     array("cls_tokens", (V, T, W), (1, T, W), "float16")
     array("frame_embeds", (V, T, E), (1, T, E), "float16")
     array("frame_mask", (V, T), (1, T), "bool", fill_value=False)
-    strings("captions", [c for r in records for c in r.captions])
-    text_video = array("text_video", (N,), (max(N, 1),), "int32", compress=False)
-    text_video[:] = np.repeat(np.arange(V, dtype=np.int32), [len(r.captions) for r in records])
+    strings("captions", N)
+    array("text_video", (N,), (max(N, 1),), "int32", compress=False)
     chunk = min(TEXT_CHUNK, max(N, 1))
     array("text_tokens", (N, L, spec.text_width), (chunk, L, spec.text_width), "float16")
-    array("text_lengths", (N,), (chunk,), "int16", compress=False)[:] = text_lengths
+    array("text_lengths", (N,), (chunk,), "int16", compress=False)
     array("text_embeds", (N, E), (chunk, E), "float16")
     array("text_chunk_status", (-(-N // chunk),), (1,), "int8", compress=False)
+    _write_records(group, records, text_lengths)
+
+
+# The arrays written from the annotations when a cache is created; `extract --repair` writes them again.
+RECORD_ARRAYS = ("video_ids", "video_paths", "video_split", "captions", "text_video", "text_lengths")
+# Every array of a cache; video_source is absent from caches made before source records were kept.
+ARRAYS = RECORD_ARRAYS + ("video_status", "video_error", "video_source", *VIDEO_FEATURES, "text_tokens",
+                          "text_embeds", "text_chunk_status")
+
+
+def _write_records(group: zarr.Group, records: list[VideoRecord], text_lengths: np.ndarray) -> None:
+    """The RECORD_ARRAYS' values: ids, paths, splits, captions, which video each caption is of, caption lengths."""
+    values = {
+        "video_ids": [r.video_id for r in records],
+        "video_paths": [str(r.path) for r in records],
+        "video_split": [r.split for r in records],
+        "captions": [c for r in records for c in r.captions],
+    }
+    for name, strings in values.items():
+        if strings:
+            group[name][:] = np.array(strings, dtype=object)
+    if len(text_lengths):
+        group["text_video"][:] = np.repeat(np.arange(len(records), dtype=np.int32), [len(r.captions) for r in records])
+        group["text_lengths"][:] = text_lengths
 
 
 def _foreign_group(path: Path) -> bool:
@@ -265,6 +288,10 @@ class FeatureCache:
                     f"{member / 'zarr.json'}: array metadata is damaged ({first_line(e)}); "
                     "rebuild the cache with `extract --overwrite`"
                 ) from None
+        absent = [name for name in ARRAYS if name not in self._arrays and name != "video_source"]
+        if absent:
+            raise UserError(f"{self.path / absent[0] / 'zarr.json'}: missing, so the cache is damaged; "
+                            "rebuild it with `extract --overwrite`")
         store.blosc_chunk_bytes = {
             name: int(np.prod(a.chunks)) * a.dtype.itemsize for name, a in self._arrays.items()
             if any(isinstance(c, zarr.codecs.BloscCodec) for c in a.compressors)
@@ -334,10 +361,10 @@ class FeatureCache:
         return int(self.group["text_tokens"].chunks[0])
 
     def video_ids(self) -> np.ndarray:
-        return np.asarray(self.group["video_ids"][:], dtype=object)
+        return np.asarray(self._read_record_array("video_ids"), dtype=object)
 
     def video_split(self) -> np.ndarray:
-        return np.asarray(self.group["video_split"][:], dtype=object)
+        return np.asarray(self._read_record_array("video_split"), dtype=object)
 
     def video_status(self) -> np.ndarray:
         """PENDING, DONE or FAILED per video; a flag whose chunk is unreadable (torn) is PENDING, so it is redone."""
@@ -348,7 +375,37 @@ class FeatureCache:
         return self._read_rows("text_chunk_status")[0]
 
     def text_video(self) -> np.ndarray:
-        return np.asarray(self.group["text_video"][:])
+        return np.asarray(self._read_record_array("text_video"))
+
+    def _read_record_array(self, name: str) -> np.ndarray:
+        try:
+            return self[name][:]
+        except Exception as e:  # noqa: BLE001 - any codec, shape or length error means damaged bytes
+            raise UserError(f"{self.path}: {name} does not read back ({first_line(e)}); re-run your extract command "
+                            "with --repair, which writes it again from the annotations") from None
+
+    def write_records(self, records: list[VideoRecord], text_lengths: np.ndarray) -> None:
+        """Write the RECORD_ARRAYS again from the annotations the cache was built from (--repair)."""
+        _write_records(self.group, records, text_lengths)
+
+    def records_problem(self) -> str:
+        """Why the RECORD_ARRAYS no longer hold the annotations the cache was built from (a chunk missing, which
+        reads back as its fill value, or undecodable), or "" when they do."""
+        v = {}
+        for name in RECORD_ARRAYS:
+            try:
+                v[name] = np.asarray(self[name][:])
+            except Exception as e:  # noqa: BLE001 - any codec, shape or length error means damaged bytes
+                return f"{name} does not read back ({first_line(e)})"
+        owner, n_videos = v["text_video"].astype(np.int64), len(v["video_ids"])
+        if len(owner) and (owner.min() < 0 or owner.max() >= n_videos or (np.diff(owner) < 0).any()):
+            return "text_video does not map captions to videos in order"
+        per_video = np.split(v["captions"], np.cumsum(np.bincount(owner, minlength=n_videos))[:-1])
+        if _fingerprint(zip(v["video_ids"], per_video, v["video_split"])) != self.attrs["records_sha256"]:
+            return "video_ids, video_split, captions or text_video differ from the annotations the cache was built from"
+        if not all(v["video_paths"]) or (v["text_lengths"] < 1).any():
+            return "video_paths or text_lengths hold empty entries"
+        return ""
 
     def failures(self) -> list[dict]:
         """Failed videos with the recorded reason, in index order."""
@@ -428,8 +485,12 @@ class FeatureCache:
         """Read back every finished video and caption chunk; list those with a missing or undecodable chunk.
 
         Each entry is {"video": id, "index": i, "reason": ...} or {"text_chunk": c, "captions": [lo, hi],
-        "reason": ...}. Data that decodes but holds wrong values cannot be seen (the chunks carry no checksum).
+        "reason": ...}; or, alone, {"records": RECORD_ARRAYS, "reason": ...} when those no longer hold the
+        annotations. Feature data that decodes but holds wrong values cannot be seen (the chunks carry no checksum).
         """
+        problem = self.records_problem()
+        if problem:  # the videos cannot be named until --repair has written these again
+            return [{"records": list(RECORD_ARRAYS), "reason": problem}]
         damaged: list[dict] = []
         ids = self.video_ids()
         status, bad_status = self._read_rows("video_status")
@@ -485,7 +546,7 @@ class FeatureCache:
         for entry in damaged:
             if "video" in entry:
                 self.group["video_status"][entry["index"]] = PENDING
-            else:
+            elif "text_chunk" in entry:
                 self.group["text_chunk_status"][entry["text_chunk"]] = PENDING
 
     def remove_partial_files(self) -> int:

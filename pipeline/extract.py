@@ -73,7 +73,7 @@ class ExtractSummary:
     videos_done: int
     texts: int
     failed: list[dict]
-    repaired: list[dict] = field(default_factory=list)  # what --repair found damaged and redid
+    repaired: list[dict] = field(default_factory=list)  # what --repair found damaged and redid (cache.verify's entries)
 
 
 def _decode(path: Path, frames: int, size: int) -> tuple[str, DecodedVideo | str]:
@@ -126,7 +126,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         cache = FeatureCache.open_or_create(path, spec, records, lengths, int(truncated.sum()), overwrite=cfg.overwrite)
         log.info("cache %s (model %s, weights %s, shard %d/%d)", path, info.model, info.pretrained or "RANDOM",
                  shard_index, shard_count)
-        repaired = _repair(cache) if cfg.repair else []
+        repaired = _repair(cache, records, lengths) if cfg.repair else []
         _encode_captions(cache, encoder, captions, shard_index, shard_count, cfg.progress)
         _encode_videos(cache, encoder, records, cfg, shard_index, shard_count)
     except OSError as e:
@@ -140,13 +140,20 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
                           texts=cache.n_texts, failed=cache.failures(), repaired=repaired)
 
 
-def _repair(cache: FeatureCache) -> list[dict]:
-    """Find damaged finished videos and caption chunks and set them pending: the normal run then redoes exactly those."""
+def _repair(cache: FeatureCache, records: list, lengths: np.ndarray) -> list[dict]:
+    """Find damaged finished videos and caption chunks and set them pending: the normal run then redoes exactly those.
+    Arrays written from the annotations (ids, captions, ...) that no longer hold them are written again first."""
     damaged = cache.verify()
+    if damaged and "records" in damaged[0]:
+        log.warning("%s: %s; writing %s again from the annotations", cache.path, damaged[0]["reason"],
+                    ", ".join(damaged[0]["records"]))
+        cache.write_records(records, lengths)
+        damaged += cache.verify()
     for entry in damaged:
-        log.warning("%s: %s damaged (%s); redoing it", cache.path,
-                    f"video {entry['video']}" if "video" in entry else f"caption chunk {entry['text_chunk']}",
-                    entry["reason"])
+        if "records" not in entry:
+            log.warning("%s: %s damaged (%s); redoing it", cache.path,
+                        f"video {entry['video']}" if "video" in entry else f"caption chunk {entry['text_chunk']}",
+                        entry["reason"])
     cache.mark_pending(damaged)
     removed = cache.remove_partial_files()
     if removed:

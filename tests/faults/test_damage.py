@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from pipeline.cache import FeatureCache
+from pipeline.cache import ARRAYS, RECORD_ARRAYS, FeatureCache
 from pipeline.errors import UserError
 from tests.conftest import make_feature_cache
 from tests.faults.harness import assert_same_cache, chunk_files, extract_args, run_cli
@@ -117,6 +117,46 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_no_file(copy, tmp_path, mo
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert result.output.splitlines()[-1].startswith(f"error: {out}: could not write it (No space left on device)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr"]
+
+
+@pytest.mark.parametrize("damage", [
+    {"video_ids/c/0": "truncate", "captions/c/0": "delete"},  # a deleted chunk would read back as "" everywhere
+    {"text_lengths/c/0": "delete", "text_video/c/0": "truncate", "video_paths/c/0": "delete"},
+    {"video_split/c/0": "delete"},
+])
+def test_damaged_annotation_arrays_are_found_and_written_again(fault_data, reference, copy, tmp_path, damage):
+    for key, how in damage.items():
+        chunk = copy / key
+        chunk.unlink() if how == "delete" else chunk.write_bytes(chunk.read_bytes()[:5])
+    truncated = next((k.split("/")[0] for k, how in damage.items() if how == "truncate"), None)
+    result = _info(copy, "--verify")
+    if truncated:  # read by plain info too: one line naming the array and the fix
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert f"{truncated} does not read back" in result.output and "--repair" in result.output
+    else:
+        assert result.exit_code == 1
+        assert f"damaged      {', '.join(RECORD_ARRAYS)}: video_ids, video_split, captions or text_video differ" \
+            in result.output, result.output
+    assert FeatureCache(copy).verify()[0]["records"] == list(RECORD_ARRAYS)
+    log = tmp_path / "repair.log"
+    assert run_cli(extract_args(fault_data, copy, "--repair"), log=log) == 0, log.read_text()[-3000:]
+    assert "repaired 0 damaged video(s)/caption chunk(s), and wrote the annotations' arrays again" in log.read_text()
+    assert_same_cache(copy, reference)
+    for name in RECORD_ARRAYS:
+        assert FeatureCache(copy)[name][:].tolist() == FeatureCache(reference)[name][:].tolist(), name
+    assert _info(copy, "--verify").exit_code == 0
+
+
+def test_a_missing_array_is_one_line(copy):
+    assert sorted(name for name, _ in FeatureCache(copy).group.arrays()) == sorted(ARRAYS)
+    (copy / "video_status" / "zarr.json").unlink()
+    for args in ([], ["--verify"]):
+        result = _info(copy, *args)
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert "video_status/zarr.json: missing" in result.output and "--overwrite" in result.output
+    result = _export(copy, copy.parent / "x.h5")  # it wrote a file without the array before
+    assert result.exit_code == 2 and "video_status/zarr.json: missing" in result.output
+    assert not (copy.parent / "x.h5").exists()
 
 
 def test_repair_with_shards_is_refused(fault_data, copy):
