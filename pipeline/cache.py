@@ -190,6 +190,23 @@ def cache_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def run_lock(path: Path, exclusive: bool) -> Iterator[None]:
+    """Held for a whole extract run, taken without waiting: shared by plain and shard runs, exclusive for
+    --overwrite and --repair, which delete or reset what another run is writing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".run.lock"), "w") as f:
+        try:
+            fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"{path}: another extract is running on this cache, and --overwrite and --repair change what it "
+                "writes; wait for it to finish or stop it, then run this again" if exclusive else
+                f"{path}: an extract --overwrite or --repair is running on this cache; wait for it to finish, "
+                "then run this again") from None
+        yield
+
+
 def _create_arrays(group: zarr.Group, spec: CacheSpec, records: list[VideoRecord], text_lengths: np.ndarray) -> None:
     compressors = COMPRESSORS[spec.compression]
     V, T, P, W = len(records), spec.frames, spec.num_patches, spec.patch_width

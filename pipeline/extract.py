@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import DEFAULT_COMPRESSION, DONE, CacheSpec, FeatureCache, check_cache_folder, video_source
+from pipeline.cache import (DEFAULT_COMPRESSION, DONE, CacheSpec, FeatureCache, check_cache_folder, run_lock,
+                            video_source)
 from pipeline.datasets import default_data_root, load_records
 from pipeline.decode import DecodedVideo, DecodeError, decode_video
 from pipeline.encoder import DEFAULT_MODEL, FrozenEncoder
@@ -97,6 +98,11 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         raise UserError("--repair checks the whole cache; run it once without --shard while no shard is running")
     path = Path(cfg.cache) if cfg.cache else default_cache_path(cfg.dataset, cfg.model)
     check_cache_folder(path)  # now, not after the encoder has loaded
+    with run_lock(path.resolve(), exclusive=cfg.overwrite or cfg.repair):
+        return _run_extract(cfg, path, shard_index, shard_count)
+
+
+def _run_extract(cfg: ExtractConfig, path: Path, shard_index: int, shard_count: int) -> ExtractSummary:
     data_root = Path(cfg.data_root) if cfg.data_root else default_data_root(cfg.dataset)
     records = load_records(cfg.dataset, data_root)
     missing = missing_videos(records)

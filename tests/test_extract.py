@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -209,6 +210,23 @@ def test_cache_of_other_settings_is_refused_then_overwritten(extracted, tiny_dat
         run_extract(_cfg(tiny_dataset, summary.cache, frames=8))
     run_extract(_cfg(tiny_dataset, summary.cache, frames=8, overwrite=True))
     assert FeatureCache(summary.cache)["frame_mask"].shape == (5, 8)
+
+
+@pytest.mark.parametrize("running, refused", [
+    ("extract", {"overwrite": True}), ("extract", {"repair": True}),
+    ("extract --overwrite", {}), ("extract --repair", {"shard": "1/2"}),
+])
+def test_overwrite_and_repair_never_run_beside_another_extract(extracted, tiny_dataset, running, refused):
+    summary, _ = extracted
+    lock = summary.cache.with_name(summary.cache.name + ".run.lock")
+    with open(lock) as held:  # what the running extract holds for its whole run
+        fcntl.flock(held, fcntl.LOCK_SH if running == "extract" else fcntl.LOCK_EX)
+        why = "another extract is running" if running == "extract" else "an extract --overwrite or --repair is running"
+        with pytest.raises(UserError, match=f"{summary.cache.name}: {why} on this cache.*; wait for it to finish"):
+            run_extract(_cfg(tiny_dataset, summary.cache, **refused))
+        if running == "extract":  # plain runs share the cache (shards do)
+            assert run_extract(_cfg(tiny_dataset, summary.cache)).videos_done == 5
+    assert run_extract(_cfg(tiny_dataset, summary.cache, **refused)).videos_done == 5
 
 
 def test_overwrite_through_a_symlink_rebuilds_the_cache_it_points_to(tiny_dataset, tmp_path):
