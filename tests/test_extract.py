@@ -17,7 +17,7 @@ import zarr
 from click.testing import CliRunner
 
 import cli
-from pipeline.cache import DONE, FeatureCache
+from pipeline.cache import DONE, PENDING, FeatureCache
 from pipeline.decode import decode_video
 from pipeline.encoder import FrozenEncoder, default_device
 from pipeline.errors import UserError
@@ -185,6 +185,26 @@ def test_undecodable_videos_are_recorded_and_the_run_goes_on(tiny_dataset, tmp_p
     strict = CliRunner().invoke(cli.main, ["extract", "--dataset", "manifest", "--data-root", str(tiny_dataset),
                                            "--cache", str(tmp_path / "c.zarr"), "--strict"])
     assert strict.exit_code == 1
+    cache = FeatureCache(tmp_path / "c.zarr")
+    gone = cache.video_ids().tolist().index("videos/gone.mp4")
+    (tmp_path / "c.zarr" / "video_error" / "c" / str(gone)).write_bytes(b"")  # torn
+    assert [(d["video"], d["reason"].split(" (")[0]) for d in cache.verify()] == [
+        ("videos/gone.mp4", f"video_error chunk c/{gone} unreadable")]  # a failure's reason is finished work too
+    first = sorted((tiny_dataset / "videos").glob("*.mp4"))[0]
+    (tiny_dataset / "videos" / "gone.mp4").write_bytes(first.read_bytes())  # the missing video turns up
+    run_extract(_cfg(tiny_dataset, tmp_path / "c.zarr"))  # failed videos are tried again
+    assert cache.video_status()[gone] == DONE and cache.verify() == []
+    assert "videos/gone.mp4" not in {f["video"] for f in cache.failures()} and cache["frame_mask"][gone].all()
+
+
+def test_a_shard_does_its_own_videos_and_caption_chunks_only(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.cache.TEXT_CHUNK", 4)  # the 10 captions in chunks of 4, 4 and 2
+    encoded, encode = [], FrozenEncoder.encode_captions
+    monkeypatch.setattr(FrozenEncoder, "encode_captions", lambda self, c: encoded.append(len(c)) or encode(self, c))
+    run_extract(_cfg(tiny_dataset, tmp_path / "c.zarr", shard="0/2"))
+    cache = FeatureCache(tmp_path / "c.zarr")
+    assert cache.text_chunk_status().tolist() == [DONE, PENDING, DONE] and encoded == [4, 2]
+    assert cache.video_status().tolist() == [DONE, PENDING, DONE, PENDING, DONE]  # videos 0, 2, 4 of 5
 
 
 def test_a_moved_weights_file_keeps_its_cache(tiny_dataset, tmp_path):
