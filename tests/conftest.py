@@ -72,11 +72,12 @@ def tiny_dataset(tmp_path: Path) -> Path:
 
 def make_feature_cache(path: Path, splits: dict[str, int], captions: int = 2, frames: int = 4, patches: int = 4,
                        width: int = 16, embed: int = 8, text_width: int = 16, text_len: int = 8, seed: int = 0,
-                       finish: bool = True) -> Path:
+                       finish: bool = True, partial_masks: bool = False) -> Path:
     """A small cache of features written straight through the cache API (no decoding, no CLIP).
 
     Each video has a random latent; its frames, patches and its captions are noisy linear views of it,
-    so a model can learn which caption goes with which video.
+    so a model can learn which caption goes with which video. Every frame slot holds a frame, or with
+    partial_masks the first 1..frames of them (drawn per video; the features are the same either way).
     """
     from pipeline.cache import CacheSpec, FeatureCache
     from pipeline.records import VideoRecord
@@ -100,9 +101,12 @@ def make_feature_cache(path: Path, splits: dict[str, int], captions: int = 2, fr
     def view(name, z, shape):
         return z @ views[name] + 0.5 * rng.normal(size=shape)
 
-    for v, z in enumerate(latent):
+    valid = [frames] * len(records)  # frames per video; its own generator leaves the features as they are
+    if partial_masks:
+        valid = np.random.default_rng([seed, 1]).integers(1, frames + 1, len(records))
+    for v, (z, n) in enumerate(zip(latent, valid)):
         cache.write_video(v, view("patch", z, (frames, patches, width)), view("cls", z, (frames, width)),
-                          view("frame", z, (frames, embed)), np.ones(frames, dtype=bool))
+                          view("frame", z, (frames, embed)), np.arange(frames) < n)
     text_latent = np.repeat(latent, captions, axis=0)
     for c in range(cache.n_text_chunks):
         lo, hi = cache.text_chunk_range(c)

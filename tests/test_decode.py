@@ -137,21 +137,40 @@ def test_a_gif_holding_its_last_frame_is_sampled_over_its_whole_duration(tmp_pat
     assert sampled[4:] == [36, 37, 38, 39]
 
 
-def test_packets_the_decoder_rejects_are_not_sampled(tmp_path):
-    # an MJPEG AVI with frames 20 to 39 blanked out: 60 packets, but the decoder outputs 40 frames
-    path = write_video(tmp_path / "damaged.avi", index_frames(60), fps=30, vcodec="mjpeg", pix_fmt="yuvj444p")
+def mjpeg_with_blanked_frames(path, n: int, blanked: range):
+    """An MJPEG AVI of n index_frames at 30 fps whose `blanked` JPEGs are zeroed: n packets, but the decoder rejects
+    those and outputs the others."""
+    write_video(path, index_frames(n), fps=30, vcodec="mjpeg", pix_fmt="yuvj444p")
     data = bytearray(path.read_bytes())
     jpegs = [m.start() for m in re.finditer(rb"\xff\xd8\xff", data)]
-    assert len(jpegs) == 60
-    for start in jpegs[20:40]:
+    assert len(jpegs) == n
+    for start in (jpegs[i] for i in blanked):
         end = data.index(b"\xff\xd9", start) + 2
         data[start:end] = bytes(end - start)
     path.write_bytes(data)
+    return path
+
+
+def test_packets_the_decoder_rejects_are_not_sampled(tmp_path):
+    # an MJPEG AVI with frames 20 to 39 blanked out: 60 packets, but the decoder outputs 40 frames
+    path = mjpeg_with_blanked_frames(tmp_path / "damaged.avi", 60, range(20, 40))
     out = decode_video(path, n_frames=12, size=16)
     assert out.mask.all()
     got = decoded_indices(out.frames)
     assert got == sorted(set(got)) and not set(got) & set(range(20, 40)), got
     assert got[-1] >= 55  # the last segment (55 to 59) is sampled
+
+
+def test_a_rejected_packet_that_no_sample_falls_on_is_noticed_by_the_last_frame(tmp_path):
+    # Frames 10 and 11 blanked: the 12 segment centres of the 60 packets (at frame 2.5 + 5 k) miss them, so 12 frames
+    # still come out, but the decoder's frame numbers past 9 are 2 behind the packets'. Only the last packet (59),
+    # asked for as a witness, is missing from what comes out; the sampling is then redone on the 58 frames.
+    path = mjpeg_with_blanked_frames(tmp_path / "damaged.avi", 60, range(10, 12))
+    out = decode_video(path, n_frames=12, size=16)
+    assert out.mask.all()
+    surviving = [i for i in range(60) if i not in (10, 11)]  # frame i shown from i / 30 s for 1 / 30 s: 0 to 2 s
+    on_screen = [max(s for s in surviving if s <= 2.5 + 5 * k) for k in range(12)]  # 2, 7, 12, ..., 57
+    assert decoded_indices(out.frames) == on_screen
 
 
 def test_resize_and_center_crop_non_square(tmp_path):

@@ -243,3 +243,67 @@ def test_a_run_and_a_cache_have_the_same_weights_by_content_wherever_they_lie():
     assert not same_weights(a, {"pretrained": "/old/checkout/w.safetensors", "pretrained_sha256": "0000"})
     assert same_weights({"pretrained": "openai", "pretrained_sha256": ""}, {"pretrained": "openai", "pretrained_sha256": ""})
     assert not same_weights({"pretrained": "openai", "pretrained_sha256": ""}, {"pretrained": "laion2b", "pretrained_sha256": ""})
+
+
+def test_the_truth_loses_ties_at_the_top_k_cut_in_both_directions(trained, monkeypatch):
+    import reranker.evaluate
+
+    _, cache, run = trained
+    model, _ = load_model(run)
+    feats = SplitFeatures.open(FeatureCache(cache), "test")
+    monkeypatch.setattr(reranker.evaluate, "first_stage_sims", lambda *a: np.zeros((30, 10), np.float32))
+    scored, original = [], reranker.evaluate._rerank_pairs
+    monkeypatch.setattr(reranker.evaluate, "_rerank_pairs",
+                        lambda m, f, text_pos, video_pos, *a, **k: scored.append((text_pos, video_pos))
+                        or original(m, f, text_pos, video_pos, *a, **k))
+    results = evaluate_split(model, feats, 4)
+    (t2v_texts, t2v_videos), (v2t_texts, v2t_videos) = scored  # the captions' candidates, then the videos'
+    assert len(t2v_texts) == 30 * 4 and len(v2t_videos) == 10 * 4
+    assert not np.any(feats.text_video[t2v_texts] == t2v_videos)  # no caption re-scored against its own video
+    assert not np.any(feats.text_video[v2t_texts] == v2t_videos)  # no video re-scored against its own captions
+    # Every score ties, so every candidate is a wrong item and the right one ties with every other non-candidate
+    # below them: each caption's video and each video's best caption rank N = 10 of 10 videos.
+    worst = {"R@1": 0.0, "R@5": 0.0, "R@10": 100.0, "MdR": 10.0, "MnR": 10.0}
+    assert results["two_stage"] == {"t2v": worst, "v2t": worst}
+
+
+@pytest.mark.parametrize("videos_are_queries", [False, True], ids=["t2v", "v2t"])
+def test_candidates_are_ordered_by_logit_plus_cosine_over_the_weight(trained, videos_are_queries):
+    from reranker.evaluate import _evaluate
+
+    _, cache, run = trained
+    device = default_device()
+    model, _ = load_model(run)
+    feats = SplitFeatures.open(FeatureCache(cache), "test")
+    ev = _evaluate(model.to(device), feats, 4, device, zero_shot=False)
+    first, two = (ev.first.T, ev.two_stage_v2t.T) if videos_are_queries else (ev.first, ev.two_stage_t2v)
+    candidates = np.stack([np.flatnonzero(row > 0) for row in two])  # re-scored items get the codes 1..K
+    cosine = np.take_along_axis(first, candidates, axis=1).astype(np.float64)
+    # in first-stage order, as evaluation scores them: the same batches, so the same logits on any device
+    order = np.argsort(-cosine, axis=1, kind="stable")
+    candidates, cosine = np.take_along_axis(candidates, order, axis=1), np.take_along_axis(cosine, order, axis=1)
+    query = np.repeat(np.arange(len(two)), 4)
+    text_pos, video_pos = (candidates.reshape(-1), query) if videos_are_queries else (query, candidates.reshape(-1))
+    logits = _rerank_pairs(model, feats, text_pos, video_pos, device).astype(np.float64).reshape(-1, 4)
+    final = logits + cosine / model.config.score_weight
+    ranked = lambda scores: np.argsort(np.argsort(scores, axis=1), axis=1) + 1  # noqa: E731 - 1 for the lowest
+    assert np.array_equal(np.take_along_axis(two, candidates, axis=1), ranked(final))
+    assert not np.array_equal(ranked(final), ranked(logits))  # the cosine reorders some query's candidates
+
+
+def test_reads_address_the_split_by_position_not_by_cache_index(tmp_path):
+    import zarr
+
+    cache = make_feature_cache(tmp_path / "c.zarr", {"train": 12, "test": 10}, captions=3, partial_masks=True)
+    feats = SplitFeatures.open(FeatureCache(cache), "test")
+    stored = zarr.open_group(cache, mode="r")  # the arrays as written, read without SplitFeatures
+    videos = np.flatnonzero(stored["video_split"][:] == "test")  # cache rows 12..21, after the train videos
+    texts = np.flatnonzero(np.isin(stored["text_video"][:], videos))
+    masks, lengths = stored["frame_mask"][:][videos], stored["text_lengths"][:][texts]
+    assert 0 < masks.sum() < masks.size and len(set(lengths.tolist())) > 1  # positions are told apart by them
+    rng = np.random.default_rng(0)
+    text_pos, video_pos = rng.integers(0, 30, 45), rng.integers(0, 10, 15)  # more draws than items: repeats
+    t = feats.read_texts(text_pos)
+    assert np.array_equal(t["text_lengths"].numpy(), lengths[text_pos])
+    assert np.array_equal(t["text_tokens"].numpy(), stored["text_tokens"][:][texts[text_pos]])
+    assert np.array_equal(feats.read_videos(video_pos)["frame_mask"].numpy(), masks[video_pos])

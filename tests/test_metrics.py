@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 import pytest
 
@@ -86,6 +88,12 @@ def test_bad_inputs_raise():
 def test_metrics_from_ranks_by_hand():
     m = metrics_from_ranks(np.array([1, 2, 6, 11, 30]))
     assert m == {"R@1": 20.0, "R@5": 40.0, "R@10": 60.0, "MdR": 6.0, "MnR": 10.0}
+
+
+def test_median_rank_of_an_even_count_is_the_mean_of_the_middle_two():
+    assert metrics_from_ranks(np.array([10, 1, 3, 2]))["MdR"] == 2.5  # sorted 1, 2, 3, 10: (2 + 3) / 2
+    ranks = np.random.default_rng(0).integers(1, 1000, size=200)
+    assert metrics_from_ranks(ranks)["MdR"] == statistics.median(ranks.tolist())
 
 
 # ------------------------------------------------------------------------------ video-to-text

@@ -119,17 +119,41 @@ def test_first_stage_transformer_trains_away_from_zero_shot():
     assert not torch.allclose(stage(text, frames, mask), before)
 
 
+def symmetric_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """InfoNCE both ways over [N, N] logits whose diagonal holds the matching pairs."""
+    labels = torch.arange(len(logits))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
 def test_contrastive_loss_and_temperature():
     stage = FirstStage(small_config())
     assert math.isclose(stage.scale().item(), 1 / 0.07, rel_tol=1e-5)
     t, v = F.normalize(torch.randn(6, E), dim=-1), F.normalize(torch.randn(6, E), dim=-1)
-    logits = (t @ v.T) / 0.07
-    labels = torch.arange(6)
-    expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    torch.testing.assert_close(stage.contrastive_loss(t, v), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stage.contrastive_loss(t, v), symmetric_cross_entropy((t @ v.T) / 0.07),
+                               atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         stage.logit_scale.fill_(10.0)
     assert stage.scale().item() == 100.0  # clamped like CLIP
+
+
+def test_contrastive_loss_uses_the_learnable_temperature():
+    torch.manual_seed(0)
+    stage = FirstStage(small_config())
+    t, v = F.normalize(torch.randn(6, E), dim=-1), F.normalize(torch.randn(6, E), dim=-1)
+    with torch.no_grad():
+        stage.logit_scale.fill_(math.log(20))
+    loss = stage.contrastive_loss(t, v)
+    torch.testing.assert_close(loss, symmetric_cross_entropy(20 * t @ v.T), atol=1e-5, rtol=1e-5)
+    loss.backward()
+    # the temperature learns: its gradient is that of the same loss taken through exp(log 20) independently
+    log_scale = torch.tensor(math.log(20), requires_grad=True)
+    symmetric_cross_entropy(log_scale.exp() * t @ v.T).backward()
+    assert stage.logit_scale.grad != 0
+    torch.testing.assert_close(stage.logit_scale.grad, log_scale.grad, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        stage.logit_scale.fill_(math.log(1000))  # above logit_scale_max: the loss is taken at 100
+    torch.testing.assert_close(stage.contrastive_loss(t, v), symmetric_cross_entropy(100 * t @ v.T),
+                               atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- reranker

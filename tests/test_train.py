@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from pipeline.cache import FeatureCache
 from pipeline.errors import UserError
@@ -44,6 +46,35 @@ def _interrupt_step(monkeypatch, n: int) -> None:
         return original(*args, **kwargs)
 
     monkeypatch.setattr(T, "_forward", interrupted)
+
+
+def _validation_gives(monkeypatch, scores: list[float]) -> None:
+    """Each validation of training (one an epoch) returns the next of these two-stage t2v R@1 scores."""
+    import reranker.evaluate
+
+    left = iter(scores)
+    r1 = lambda *a, **k: {"two_stage": {"t2v": {"R@1": next(left)}}, "rerank_logit_spread": 1.0}  # noqa: E731
+    monkeypatch.setattr(reranker.evaluate, "evaluate_split", r1)
+
+
+def _grad_norm(params) -> float:
+    """The L2 norm of all these parameters' gradients together."""
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+
+
+@pytest.fixture
+def optimizer_steps():
+    """What every optimizer step sees just before it steps: each group's learning rate and the global gradient
+    norm."""
+    steps = []
+
+    def record(opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        steps.append({"lrs": [g["lr"] for g in opt.param_groups], "grad_norm": _grad_norm(params)})
+
+    handle = register_optimizer_step_pre_hook(record)
+    yield steps
+    handle.remove()
 
 
 def test_training_reads_only_the_cache_and_the_loss_decreases(cache, tmp_path, monkeypatch):
@@ -198,14 +229,86 @@ def test_without_a_val_split_best_is_the_latest_epoch(cache, tmp_path, monkeypat
 
 
 def test_best_is_the_epoch_whose_validation_averaged_with_the_one_before_is_highest(cache, tmp_path, monkeypatch):
-    import reranker.evaluate
-
-    scores = iter([10.0, 50.0, 20.0, 40.0, 45.0])  # epoch 1 alone is the highest; averaged: 10, 30, 35, 30, 42.5
-    r1 = lambda *a, **k: {"two_stage": {"t2v": {"R@1": next(scores)}}, "rerank_logit_spread": 1.0}  # noqa: E731
-    monkeypatch.setattr(reranker.evaluate, "evaluate_split", r1)
+    # epoch 1 alone is the highest; averaged with the epoch before: 10, 30, 35, 30, 42.5
+    _validation_gives(monkeypatch, [10.0, 50.0, 20.0, 40.0, 45.0])
     run = train(_cfg(cache, tmp_path / "run", epochs=5), progress=False)
     best = load_checkpoint(run / "best.pt")
     assert best["step"] == 5 * 8 and best["best"] == 42.5
+
+
+def test_the_learning_rate_warms_up_then_follows_a_half_cosine(cache, tmp_path, optimizer_steps):
+    cfg = _cfg(cache, tmp_path / "run", epochs=2, warmup_steps=4, val_split="")
+    run = train(cfg, progress=False)
+    total, warmup = 2 * 8, 4  # 16 train videos, 2 anchors a step: 8 steps an epoch
+
+    def factor(i: int) -> float:  # step i (from 0): up to the full rate in `warmup` steps, then half a cosine to 0
+        return (i + 1) / warmup if i < warmup else (1 + math.cos(math.pi * (i - warmup) / (total - warmup))) / 2
+
+    expected = np.array([factor(i) for i in range(total)])  # 0.25, 0.5, 0.75, 1, 1, 0.98, ..., 0.017
+    np.testing.assert_allclose([r["lr"] for r in _log(run) if "loss" in r], cfg.lr * expected, rtol=1e-12)
+    np.testing.assert_allclose([s["lrs"] for s in optimizer_steps], np.outer(expected, [cfg.first_stage_lr, cfg.lr]),
+                               rtol=1e-12)  # both parameter groups, each from its own base rate
+
+
+def test_gradients_are_clipped_before_each_step(cache, tmp_path, monkeypatch, optimizer_steps):
+    clip, unclipped, original = 1e-3, [], torch.nn.utils.clip_grad_norm_
+
+    def measured(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        unclipped.append(_grad_norm(parameters))
+        return original(parameters, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", measured)
+    train(_cfg(cache, tmp_path / "run", grad_clip=clip, val_split=""), progress=False)
+    norms = [s["grad_norm"] for s in optimizer_steps]
+    assert len(norms) == 8 and max(norms) <= clip * (1 + 1e-5), norms
+    assert max(unclipped) > clip  # there was something to clip
+
+
+@pytest.mark.parametrize("scores, best_step, best", [
+    ([50.0, 50.0, 10.0], 8, 50.0),  # averaged 50, 50, 30: epoch 1 stays best; forgetting its 50 takes epoch 3
+    ([10.0, 60.0, 20.0], 24, 40.0),  # averaged 10, 35, 40: epoch 3 wins only averaged with epoch 2's 60
+], ids=["best_kept", "last_score_kept"])
+def test_resume_keeps_what_chooses_the_best_checkpoint(cache, tmp_path, monkeypatch, scores, best_step, best):
+    import reranker.train as T
+
+    kw = dict(epochs=3, checkpoint_every=8)  # 8 steps an epoch: last.pt at each epoch's end
+    _validation_gives(monkeypatch, scores)
+    full = train(_cfg(cache, tmp_path / "full", **kw), progress=False)
+    original = T._forward
+    _validation_gives(monkeypatch, scores)  # one sequence for the killed run and its resume
+    _interrupt_step(monkeypatch, 17)  # epoch 3's first step
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(cache, tmp_path / "killed", **kw), progress=False)
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["step"] == 16
+    monkeypatch.setattr(T, "_forward", original)
+    train(TrainConfig(run=str(tmp_path / "killed")), resume=True, progress=False)
+    for run in (full, tmp_path / "killed"):
+        state = load_checkpoint(run / "best.pt")
+        assert (state["step"], state["best"]) == (best_step, best), run.name
+
+
+def test_each_epoch_is_a_seeded_shuffle_of_the_videos_with_captions(cache):
+    import dataclasses
+
+    from pipeline.cache import PENDING
+    from reranker.train import _epoch_plan
+
+    FeatureCache(cache, mode="r+").group["text_chunk_status"][0] = PENDING  # captions of train0..train7 pending
+    feats = SplitFeatures.open(FeatureCache(cache), "train", allow_partial=True)
+    cfg = _cfg(cache, "unused")  # 2 anchors a step
+
+    def anchors(seed: int, epoch: int) -> np.ndarray:
+        plan = _epoch_plan(feats, dataclasses.replace(cfg, seed=seed), epoch)
+        videos, captions = (np.concatenate(part) for part in zip(*plan))
+        assert np.array_equal(feats.text_video[captions], videos)  # each anchor's caption is one of its video's
+        return videos
+
+    order = anchors(0, 0)
+    assert sorted(order.tolist()) == list(range(8, 16))  # every video with captions, once
+    assert not np.array_equal(order, np.sort(order))
+    assert np.array_equal(anchors(0, 0), order)  # one (seed, epoch), one order: a resumed run replays it
+    assert not np.array_equal(anchors(0, 1), order) and not np.array_equal(anchors(1, 0), order)
 
 
 def test_allow_partial_trains_on_the_videos_whose_captions_are_done(cache, tmp_path, caplog):
