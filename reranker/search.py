@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import FeatureCache
-from pipeline.encoder import FrozenEncoder, autocast, default_device
+from pipeline.encoder import FrozenEncoder, autocast, default_device, shipped_weights
 from pipeline.errors import UserError
 from reranker.data import SplitFeatures, to_device
 from reranker.train import check_compatible, load_model, video_bank
@@ -31,12 +31,15 @@ def query_encoder(cache: FeatureCache) -> FrozenEncoder:
     if not a["pretrained"]:
         raise UserError(f"{cache.path}: built with random encoder weights, which cannot be reproduced to encode a "
                         "query; rebuild the cache with --pretrained (or the shipped default weights)")
+    weights = a["pretrained"]
+    if a["pretrained_sha256"] and not Path(weights).is_file() and shipped_weights(a["model"]) is not None:
+        weights = None  # the shipped weights of a moved or re-cloned checkout: the same bytes, checked below
     # The query's text tokens must come from the block the cache's did; caches older than text_layer stored the last.
-    encoder = FrozenEncoder(a["model"], a["pretrained"], patch_layer=a["patch_layer"],
+    encoder = FrozenEncoder(a["model"], weights, patch_layer=a["patch_layer"],
                             text_layer=a.get("text_layer", -1), max_text_tokens=a["max_text_tokens"])
     if encoder.info.pretrained_sha256 != a["pretrained_sha256"]:
-        raise UserError(f"{a['pretrained']}: checkpoint differs from the one {cache.path} was built with; "
-                        "pass the same weights or rebuild the cache")
+        raise UserError(f"{encoder.info.pretrained}: checkpoint differs from the one {cache.path} was built with "
+                        f"({a['pretrained']}); put those weights back at that path, or rebuild the cache")
     return encoder
 
 

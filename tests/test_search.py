@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from safetensors.torch import save_file
 
 import cli
 from pipeline.cache import FeatureCache
-from pipeline.encoder import DEFAULT_MODEL, FrozenEncoder
+from pipeline.encoder import DEFAULT_MODEL, FrozenEncoder, shipped_weights
 from pipeline.errors import UserError
 from pipeline.extract import ExtractConfig, run_extract
 from reranker.search import search
@@ -50,3 +52,18 @@ def test_search_refuses_other_weights(setup):
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(UserError, match="differs from the one"):
         search(cache, run, "anything")
+
+
+def test_a_moved_checkout_searches_with_its_shipped_weights(tiny_dataset, tmp_path):
+    # a cache and run made in another checkout name its shipped weights by a path that is gone here
+    elsewhere = tmp_path / "old checkout" / "CrossTVR-Tiny.safetensors"
+    elsewhere.parent.mkdir()
+    shutil.copy(shipped_weights(DEFAULT_MODEL), elsewhere)
+    cache = run_extract(ExtractConfig(dataset="manifest", data_root=tiny_dataset, cache=tmp_path / "c.zarr",
+                                      pretrained=str(elsewhere), progress=False)).cache
+    run = train(TrainConfig(cache=str(cache), run=str(tmp_path / "run"), split="test", val_split="", epochs=1,
+                            batch_size=2, hard_negatives=1, neighbour_negatives=0, dim=32, heads=2, n_queries=2),
+                progress=False)
+    shutil.rmtree(elsewhere.parent)
+    hits = search(cache, run, "clip number 3", top=3, top_k=2)
+    assert len(hits) == 3 and hits[0].final is not None
