@@ -25,7 +25,8 @@ _CHATTY = tuple(str(Path(spec.origin).parent) for spec in map(importlib.util.fin
 
 
 def _friendly(fn):
-    """Turn a UserError into one line on stderr and exit status 2, never a traceback."""
+    """Turn a UserError, or a file the system refuses, into one line on stderr and exit status 2, never a traceback;
+    a Ctrl-C that the command does not describe itself into one line and exit status 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,6 +35,14 @@ def _friendly(fn):
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:
+            if e.filename is None:  # not about a path the user gave: a bug to see whole
+                raise
+            click.echo(f"error: {e.filename}: {e.strerror}; check that path (an existing folder where one is needed, "
+                       "not a file), its permissions and the disk", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            _interrupted("stopped before it finished; what it writes is written whole or not at all")
 
     return wrapper
 
@@ -64,8 +73,14 @@ def _resolve_cache(cache: Path | None, run: Path | None = None) -> Path:
 
     if cache is not None:
         return cache
-    if run is not None and (Path(run) / "config.json").is_file():
-        return Path(json.loads((Path(run) / "config.json").read_text())["cache"])
+    if run is not None:
+        if not (Path(run) / "config.json").is_file():
+            raise UserError(f"{run}: not a training run (no config.json); pass --run the folder train-reranker wrote")
+        recorded = Path(json.loads((Path(run) / "config.json").read_text())["cache"])
+        if not recorded.is_absolute() and not recorded.exists():
+            raise UserError(f"{recorded}: the cache {run} was trained on, relative to the folder training ran in, is "
+                            "not here; run from that folder or pass --cache")
+        return recorded
     found = sorted(CACHE_ROOT.glob("*/*.zarr"), key=lambda p: (p / "zarr.json").stat().st_mtime if (p / "zarr.json").exists() else 0)
     if not found:
         raise UserError(f"no cache under {CACHE_ROOT}/; run `python cli.py extract` first or pass --cache DIR")
@@ -91,7 +106,7 @@ def _resolve_cache(cache: Path | None, run: Path | None = None) -> Path:
 @click.option("--max-text-tokens", type=click.IntRange(min=2), default=32, show_default=True,
               help="Text tokens kept per caption.")
 @click.option("--batch-videos", type=click.IntRange(min=1), default=8, show_default=True, help="Videos encoded per batch.")
-@click.option("--workers", default=4, show_default=True, help="Decoder threads running ahead of the encoder.")
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="Decoder threads running ahead of the encoder.")
 @click.option("--shard", default=None, help="I/N: process a disjoint slice [default: RANK/WORLD_SIZE under torchrun].")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache and rebuild it.")
 @click.option("--strict", is_flag=True, help="Exit non-zero when a video could not be decoded.")
@@ -208,28 +223,30 @@ def make_synthetic_cmd(out, videos, seed, size, seconds, clutter) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=32, show_default=True,
               help="Captions and videos a step (anchors and their negatives).")
-@click.option("--hard-negatives", default=1, show_default=True,
+@click.option("--hard-negatives", type=click.IntRange(min=0), default=1, show_default=True,
               help="Negatives per caption from its top first-stage candidates.")
-@click.option("--neighbour-negatives", default=1, show_default=True,
+@click.option("--neighbour-negatives", type=click.IntRange(min=0), default=1, show_default=True,
               help="Negatives per caption from the videos nearest to its own video (near twins).")
 @click.option("--batch-negatives", type=click.IntRange(min=0), default=2, show_default=True,
               help="Negatives per caption from other anchors' groups in the step: random videos, no extra reads.")
-@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
 @click.option("--temporal", type=click.Choice(["mean", "transformer"]), default="mean", show_default=True)
 @click.option("--spatial", type=click.Choice(["attention", "cls", "flat"]), default="flat", show_default=True,
               help="Frame tokens: flat (default, measured best), attention (the paper's spatial cross attention), cls.")
 @click.option("--share-attention/--no-share-attention", default=False, show_default=True,
               help="One set of cross-attention blocks for the spatial and temporal stages (--spatial attention): "
                    "28% fewer reranker parameters, R@1 within noise of unshared (docs/benchmarks.md).")
-@click.option("--dim", default=128, show_default=True, help="Reranker width D (divisible by --heads).")
-@click.option("--queries", default=4, show_default=True, help="Learnable queries beside the caption's tokens.")
-@click.option("--heads", default=4, show_default=True, help="Attention heads of the reranker.")
-@click.option("--layers", default=1, show_default=True, help="Cross-attention blocks per stage.")
+@click.option("--dim", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Reranker width D (divisible by --heads).")
+@click.option("--queries", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Learnable queries beside the caption's tokens.")
+@click.option("--heads", type=click.IntRange(min=1), default=4, show_default=True, help="Attention heads of the reranker.")
+@click.option("--layers", type=click.IntRange(min=1), default=1, show_default=True, help="Cross-attention blocks per stage.")
 @click.option("--patch-pool", type=click.IntRange(min=1), default=2, show_default=True,
               help="Average k x k neighbouring patches before the reranker reads them (1 when k does not divide the "
                    "grid or would leave 1 x 1). 1 keeps every patch: slower, and what colour-shape binding needs "
                    "(bench/binding.py).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)  # numpy seeds are non-negative
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Steps between checkpoints.")
 @click.option("--allow-partial", is_flag=True, help="Train on a cache whose extraction is unfinished.")
@@ -249,7 +266,10 @@ def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives
         if given:
             raise UserError(f"{run}: --resume continues the run with the options it started with (its config.json); "
                             f"drop {', '.join(given)} or start a new --run")
-    if share_attention and spatial != "attention":  # ModelConfig refuses it too, but in its own field names
+    if dim % heads:  # ModelConfig refuses these too, but in its own field names
+        raise UserError(f"--dim {dim} is not divisible by --heads {heads}; pick a multiple of it (e.g. "
+                        f"--dim {dim // heads * heads or heads})")
+    if share_attention and spatial != "attention":
         raise UserError(f"--share-attention needs --spatial attention "
                         f"(there is nothing to share with --spatial {spatial})")
     run = run or default_run_path()  # named here, so that a Ctrl-C can say where the run is
@@ -319,9 +339,9 @@ def search(query, cache, run, top, top_k) -> None:
 @main.command("pretrain-tiny")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("pipeline/weights/CrossTVR-Tiny.safetensors"),
               show_default=True, help="fp16 safetensors file (a .sha256 sidecar is written next to it).")
-@click.option("--steps", default=2000, show_default=True)
-@click.option("--batch-size", default=128, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_friendly
 def pretrain_tiny_cmd(out, steps, batch_size, seed) -> None:
     """Pretrain the CrossTVR-Tiny CLIP from scratch on rendered synthetic frames (CPU; see docs/pretrain.md)."""

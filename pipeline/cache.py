@@ -337,6 +337,8 @@ class FeatureCache:
                 old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
                 os.rename(path, old)
                 shutil.rmtree(old)
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()  # an empty folder made for the cache (mkdir first) is where it goes
             if not path.exists():
                 tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
                 group = zarr.open_group(DurableStore(tmp), mode="w", zarr_format=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -11,8 +12,11 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import FeatureCache, first_line
+from pipeline.cache import DONE, FeatureCache, first_line
 from pipeline.errors import UserError
+from pipeline.files import check_output_path
+
+log = logging.getLogger(__name__)
 
 _STRINGS = ("video_ids", "video_paths", "video_split", "video_error", "video_source", "captions")
 
@@ -24,9 +28,9 @@ def export_h5(cache: FeatureCache, out: Path, progress: bool = True) -> Path:
     costs nothing; a damaged cache chunk or a failed write leaves no partial file behind.
     """
     out = Path(out)
-    if out.is_dir() or not out.parent.is_dir():
-        raise UserError(f"{out}: {'is a folder' if out.is_dir() else 'its folder does not exist'}; "
-                        "pass --out a file path in an existing folder")
+    check_output_path(out, "--out", folder=False)
+    if not out.parent.is_dir():
+        raise UserError(f"{out}: its folder does not exist; pass --out a file path in an existing folder")
     if out.resolve().is_relative_to(cache.path.resolve()):
         raise UserError(f"{out}: lies inside the cache {cache.path}, which it would damage; pass --out a path outside it")
     if not os.access(out.parent, os.W_OK):
@@ -37,6 +41,10 @@ def export_h5(cache: FeatureCache, out: Path, progress: bool = True) -> Path:
     if need > free:
         raise UserError(f"{out}: the export needs about {need / 1e6:,.1f} MB and {free / 1e6:,.1f} MB are free there; "
                         "free space or pass --out a file on another disk")
+    unfinished = int((cache.video_status() != DONE).sum())
+    if unfinished:
+        log.warning("%s: %d of %d videos are not extracted (pending or failed): their rows are zeros in %s; "
+                    "video_status there says which", cache.path, unfinished, cache.n_videos, out)
     tmp = out.with_name(f".{out.name}.partial")
     try:
         with h5py.File(tmp, "w") as h5:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline.encoder import DEFAULT_MODEL, WEIGHTS_DIR, register_model_configs
 from pipeline.errors import UserError
-from pipeline.files import file_sha256, write_text_atomic
+from pipeline.files import check_output_path, file_sha256, write_text_atomic
 from pipeline.synthetic import BACKGROUND, COLOURS, SHAPES, Scene, frame_captions, render_frame, sample_frame_scene
 
 log = logging.getLogger(__name__)
@@ -138,9 +138,12 @@ def save_weights(model: torch.nn.Module, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     tmp = out.with_name(out.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "model": DEFAULT_MODEL})
-    os.chmod(tmp, 0o644)  # safetensors creates files private to the user; these weights ship
-    os.replace(tmp, out)
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt", "model": DEFAULT_MODEL})
+        os.chmod(tmp, 0o644)  # safetensors creates files private to the user; these weights ship
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     digest = file_sha256(out)
     sidecar = out.with_name(out.name + ".sha256")
     write_text_atomic(sidecar, f"{digest}  {out.name}\n")
@@ -165,6 +168,7 @@ def pretrain_tiny(
     """Train CrossTVR-Tiny contrastively from scratch on rendered frames; save fp16 safetensors to `out`."""
     if steps < 1 or batch_size < 2:
         raise UserError(f"--steps {steps} / --batch-size {batch_size}: need at least 1 step and 2 frames per batch")
+    check_output_path(Path(out), "--out", folder=False)  # before the training it would lose
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model, tokenizer, mean, std = _create(DEFAULT_MODEL)

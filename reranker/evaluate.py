@@ -15,7 +15,7 @@ import torch
 from pipeline.cache import FeatureCache
 from pipeline.encoder import autocast, default_device
 from pipeline.errors import UserError
-from pipeline.files import write_text_atomic
+from pipeline.files import check_output_path, write_text_atomic
 from reranker import metrics as M
 from reranker.data import RERANKER_TEXT_ARRAYS, SplitFeatures, to_device
 from reranker.model import CrossTVR, EncodedFrames
@@ -180,15 +180,18 @@ def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
         model, state = load_model(cfg.run, cfg.checkpoint)
         check_compatible(state["cache_signature"], cache, cfg.run)
     feats = SplitFeatures.open(cache, cfg.split)
+    # Each kind of evaluation of a run has a report of its own: a zero-shot or last.pt one never replaces best.pt's.
+    suffix = "_zeroshot" if cfg.zero_shot else "_last" if cfg.checkpoint == "last" else ""
+    name = f"eval_{cfg.split}{suffix}.json"
+    out = Path(cfg.out) if cfg.out else (Path(cfg.run) if cfg.run else Path(cfg.cache).parent) / name
+    check_output_path(out, "--out", folder=False)  # before the work, not after it
+    if cfg.save_sims:
+        check_output_path(Path(cfg.save_sims), "--save-sims", folder=True)
     # As training's validation does: a split smaller than --top-k has all its videos re-scored.
     if feats.n_videos < cfg.top_k and not cfg.zero_shot:
         log.info("--top-k %d > %d videos in '%s': reranking all %d", cfg.top_k, feats.n_videos, cfg.split,
                  feats.n_videos)
     ev = _evaluate(model, feats, cfg.top_k, default_device(), cfg.zero_shot)
-    # Each kind of evaluation of a run has a report of its own: a zero-shot or last.pt one never replaces best.pt's.
-    suffix = "_zeroshot" if cfg.zero_shot else "_last" if cfg.checkpoint == "last" else ""
-    name = f"eval_{cfg.split}{suffix}.json"
-    out = Path(cfg.out) if cfg.out else (Path(cfg.run) if cfg.run else Path(cfg.cache).parent) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     ev.results["cache"] = str(cache.path)  # which features these metrics are of
     if not cfg.zero_shot:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline.cache import FeatureCache, first_mismatch
 from pipeline.encoder import autocast, default_device
 from pipeline.errors import UserError
-from pipeline.files import write_text_atomic
+from pipeline.files import check_output_path, write_text_atomic
 from reranker.data import RERANKER_TEXT_ARRAYS, SplitFeatures, to_device
 from reranker.model import CrossTVR, ModelConfig
 
@@ -125,7 +125,9 @@ def load_checkpoint(path: Path) -> dict:
             return torch.load(candidate, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - truncated, corrupt or a pickled payload: all refused alike
             log.warning("%s is damaged or unsafe (%s); refused", candidate, str(e).splitlines()[0][:120])
-    raise UserError(f"{path}: no loadable checkpoint (missing, damaged or not weights-only); retrain without --resume")
+    other = {"best.pt": "evaluate --checkpoint last reads last.pt; ", "last.pt": ""}.get(path.name, "")
+    raise UserError(f"{path}: no loadable checkpoint (missing, damaged or not weights-only); {other}or train again "
+                    "into a new --run")
 
 
 def load_model(run: Path, which: str = "best") -> tuple[CrossTVR, dict]:
@@ -384,6 +386,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     device = default_device()
     rank, world = _distributed(device)
     run = Path(cfg.run) if cfg.run else default_run_path()
+    check_output_path(run, "--run", folder=True)
     if resume:
         if not (run / "config.json").is_file():
             raise UserError(f"{run}: nothing to resume (no config.json); start it without --resume")

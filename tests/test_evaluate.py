@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -230,6 +231,46 @@ def test_without_cache_the_cli_takes_the_runs_own(trained, tmp_path, monkeypatch
     result = CliRunner().invoke(cli.main, ["evaluate", "--run", str(run), "--top-k", "4", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["cache"] == str(cache) and json.loads(out.read_text())["n_videos"] == 10
+
+
+def test_cli_refuses_bad_paths_in_one_line_before_the_work(trained, tmp_path, monkeypatch):
+    import reranker.evaluate
+
+    _, cache, run = trained
+    monkeypatch.setattr(reranker.evaluate, "_evaluate", lambda *a: pytest.fail("evaluated before refusing"))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    base = ["evaluate", "--cache", str(cache), "--run", str(run)]
+    for extra, says in (
+        (["--out", str(tmp_path)], f"{tmp_path}: is a folder; pass --out a file path"),
+        (["--out", str(a_file / "m.json")], f"{a_file} is a file, not a folder; pass --out a file path in a folder"),
+        (["--save-sims", str(a_file)], f"{a_file}: is a file; pass --save-sims a folder path"),
+    ):
+        result = CliRunner().invoke(cli.main, base + extra)
+        assert result.exit_code == 2 and result.output.count("\n") == 1 and says in result.output, result.output
+    assert a_file.read_text() == "mine" and not list(tmp_path.glob(".*.part"))
+    nowhere = CliRunner().invoke(cli.main, ["evaluate", "--run", str(tmp_path / "nope")])  # blamed the cache before
+    assert nowhere.exit_code == 2 and "nope: not a training run (no config.json)" in nowhere.output, nowhere.output
+
+
+def test_a_run_names_its_relative_cache_from_another_folder(trained, tmp_path, monkeypatch):
+    _, cache, run = trained
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["cache"] = "cache/synthetic/demo.zarr"  # as `make demo` trains, from the checkout's root
+    (moved / "config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli.main, ["evaluate", "--run", str(moved)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert ("cache/synthetic/demo.zarr: the cache " in result.output
+            and "relative to the folder training ran in, is not here; run from that folder or pass --cache" in result.output)
+    ok = CliRunner().invoke(cli.main, ["evaluate", "--run", str(moved), "--cache", str(cache), "--top-k", "3"])
+    assert ok.exit_code == 0, ok.output
+    (moved / "best.pt").write_bytes(b"torn")
+    (moved / "best.prev.pt").unlink(missing_ok=True)
+    torn = CliRunner().invoke(cli.main, ["evaluate", "--run", str(moved), "--cache", str(cache)])
+    assert torn.exit_code == 2 and "evaluate --checkpoint last reads last.pt" in torn.output, torn.output
 
 
 def test_a_run_and_a_cache_have_the_same_weights_by_content_wherever_they_lie():

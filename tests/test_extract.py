@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pipeline.cache import DONE, PENDING, FeatureCache
 from pipeline.decode import decode_video
 from pipeline.encoder import FrozenEncoder, default_device
 from pipeline.errors import UserError
+from pipeline.export import export_h5
 from pipeline.extract import ExtractConfig, run_extract
 from tests.conftest import REAL_DATA, ROOT, subprocess_env
 
@@ -259,6 +261,11 @@ def test_overwrite_through_a_symlink_rebuilds_the_cache_it_points_to(tiny_datase
     assert FeatureCache(real)["frame_mask"].shape == (5, 8)
 
 
+def test_an_empty_folder_made_for_the_cache_is_used(tiny_dataset, tmp_path):
+    (tmp_path / "c.zarr").mkdir()  # it said "no feature cache here; run extract first" to the extract run
+    assert run_extract(_cfg(tiny_dataset, tmp_path / "c.zarr")).videos_done == 5
+
+
 def test_overwrite_deletes_only_a_feature_cache(tiny_dataset, tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()
@@ -339,7 +346,7 @@ def test_concurrent_shards_complete_one_store(tiny_dataset, tmp_path, extracted)
         _close(sharded[name][:], single[name][:], default_device().type == "cuda", atol=1e-2)
 
 
-def test_info_json_and_export_h5(extracted, tmp_path):
+def test_info_json_and_export_h5(extracted, tmp_path, caplog):
     summary, cache = extracted
     result = CliRunner().invoke(cli.main, ["info", "--cache", str(summary.cache), "--json"])
     assert result.exit_code == 0, result.output
@@ -364,6 +371,10 @@ def test_info_json_and_export_h5(extracted, tmp_path):
     for bad, why in ((tmp_path, "is a folder"), (tmp_path / "no" / "f.h5", "its folder does not exist")):
         result = CliRunner().invoke(cli.main, ["export-h5", "--cache", str(summary.cache), "--out", str(bad)])
         assert result.exit_code == 2 and f"{bad}: {why}; pass --out" in result.output, result.output
+    FeatureCache(summary.cache, mode="r+").group["video_status"][3] = PENDING
+    with caplog.at_level(logging.WARNING):
+        export_h5(FeatureCache(summary.cache), tmp_path / "unfinished.h5", progress=False)
+    assert "1 of 5 videos are not extracted (pending or failed): their rows are zeros" in caplog.text
 
 
 def test_annotations_without_any_video_are_one_line(tiny_dataset, tmp_path):

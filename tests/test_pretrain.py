@@ -44,6 +44,10 @@ def test_short_run_writes_a_small_loadable_fp16_file(tmp_path):
     assert all(v.dtype == torch.float16 for v in load_file(str(path)).values())
     enc = FrozenEncoder(pretrained=str(path), device=torch.device("cpu"))
     assert enc.info.pretrained_sha256 == file_sha256(path)
+    for bad, says in ((tmp_path, "is a folder; pass --out a file path"), (path / "w.safetensors", "is a file, not")):
+        with pytest.raises(UserError, match=says):  # before the training it would lose (a traceback after it before)
+            pretrain_tiny(bad, steps=10**6, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors", "w.safetensors.sha256"]
 
 
 def test_binding_twins_swap_two_objects_and_batches_have_patch_labels():

@@ -402,14 +402,24 @@ def test_reranker_size_options_reach_the_run_and_bad_ones_are_one_line(cache, tm
         assert result.exit_code == 0, result.output
         model = load_model(run)[0].reranker
         assert model.config.patch_pool == pool and model.patch_pos.shape[0] == keys
-    for flags, says in ((["--dim", "30", "--heads", "4"], "dim 30 is not divisible by heads 4"),
-                        (["--layers", "0"], "dim, heads and layers must be >= 1, got 128, 4, 0"),
-                        (["--queries", "0"], "n_queries must be >= 1")):
+    for flags, says in ((["--dim", "30", "--heads", "4"], "error: --dim 30 is not divisible by --heads 4; pick a "
+                                                          "multiple of it (e.g. --dim 28)"),
+                        (["--layers", "0"], "Invalid value for '--layers'"),
+                        (["--queries", "0"], "Invalid value for '--queries'"),
+                        (["--seed", "-1"], "Invalid value for '--seed'"),  # a traceback from numpy before
+                        (["--lr", "0"], "Invalid value for '--lr'"),  # trained without learning before
+                        (["--hard-negatives", "-1"], "Invalid value for '--hard-negatives'")):
         bad = tmp_path / f"bad{flags[1]}"
         result = CliRunner().invoke(cli.main, base + ["--run", str(bad)] + flags)
-        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
-        assert result.output.startswith("error: train-reranker options: ") and says in result.output
+        assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
         assert not bad.exists()  # refused before anything is written
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for run in (a_file, a_file / "run"):
+        result = CliRunner().invoke(cli.main, base + ["--run", str(run)])
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert f"error: {run}: " in result.output and "pass --run a folder path" in result.output
+    assert a_file.read_text() == "mine"
 
 
 def test_share_attention_without_spatial_attention_names_the_options(cache, tmp_path):

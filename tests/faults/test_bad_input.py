@@ -23,7 +23,7 @@ from click.testing import CliRunner
 import cli
 from pipeline.cache import DONE, FeatureCache
 from pipeline.ffmpeg import ffmpeg_exe
-from tests.conftest import noise_frames, write_video
+from tests.conftest import make_feature_cache, noise_frames, write_video
 
 ROOT = Path(__file__).resolve().parents[2]
 LONG = " ".join(["a small grey cat jumps over the red sofa"] * 250)  # 10,000 characters
@@ -160,3 +160,19 @@ def test_a_cache_that_is_a_file_is_one_line_in_every_command(tmp_path, monkeypat
     assert result.exit_code == 2, result.output
     assert result.output == ("error: features.h5: is a file, not a cache folder; "
                              "pass --cache a folder path (e.g. cache/x.zarr)\n")
+
+
+@pytest.mark.parametrize("raised, code, says", [
+    (PermissionError(13, "Permission denied", "/data/features.h5"), 2,
+     "error: /data/features.h5: Permission denied; check that path"),
+    (KeyboardInterrupt(), 130, "interrupted: stopped before it finished"),
+], ids=["refused path", "ctrl-c"])
+def test_a_refused_path_or_a_ctrl_c_in_any_command_is_one_line(tmp_path, monkeypatch, raised, code, says):
+    def export(*args):
+        raise raised
+
+    cache = make_feature_cache(tmp_path / "c.zarr", {"test": 2})
+    monkeypatch.setattr("pipeline.export.export_h5", export)
+    result = CliRunner().invoke(cli.main, ["export-h5", "--cache", str(cache), "--out", str(tmp_path / "x.h5")])
+    assert result.exit_code == code and says in result.output and "Traceback" not in result.output, result.output
+    assert result.output.strip().count("\n") == 0
