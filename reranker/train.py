@@ -321,16 +321,17 @@ def _distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def _average_gradients(model: torch.nn.Module, world: int) -> None:
-    """Data parallelism: every rank steps with the mean of all ranks' gradients (what DDP's all-reduce does),
-    all of them flattened into one all-reduce, as DDP's buckets are: one call per parameter tensor (54 of them)
-    took 37 ms a step with gloo between 2 CPU processes, one call 5 ms."""
+def _average_gradients(model: torch.nn.Module, share: float) -> None:
+    """Data parallelism: every rank steps with the mean of all ranks' gradients (what DDP's all-reduce does), each
+    rank's weighted by its share of the step's anchors, so that a step whose anchors do not divide evenly (5 on 2
+    ranks: 3 and 2) gets the gradient of its mean loss over all of them, as on one process. All of them are
+    flattened into one all-reduce, as DDP's buckets are: one call per parameter tensor (54 of them) took 37 ms a step
+    with gloo between 2 CPU processes, one call 5 ms."""
     import torch.distributed as dist
 
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([g.reshape(-1) for g in grads]) * share
     dist.all_reduce(flat)
-    flat /= world
     for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(mean.view_as(g))
 
@@ -409,6 +410,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
             no_val = str(e)
     if val is None and rank == 0:
         log.warning("no validation (%s): best.pt is the latest epoch's weights", no_val)
+    if cfg.split == "test" and rank == 0:
+        log.warning("training on the 'test' split: retrieval metrics on it afterwards measure memorisation")
     videos = int(feats.has_captions.sum())  # with captions: those a step can use
     if videos < 2:
         raise UserError(f"{cache.path}: split '{cfg.split}' has {videos} video(s) with captions; training needs at least 2")
@@ -442,6 +445,11 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
         run.mkdir(parents=True, exist_ok=True)
     if resume:
         state = load_checkpoint(run / "last.pt")
+        started = state.get("world", world)  # runs older than it do not record it
+        if started != world:
+            how = f"with torchrun --nproc_per_node {started}" if started > 1 else "in one process, without torchrun"
+            raise UserError(f"{run}: started with {started} process(es), resumed with {world}; each step's shares and "
+                            f"the negatives' random draws depend on it: resume it {how}")
         check_compatible(state["cache_signature"], cache, run, "a resumed run trains on the features it started on: "
                          "start a new --run")
         started_on, now = state.get("split"), signatures["split"]  # runs older than it do not record it
@@ -467,7 +475,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
         if rank != 0:
             return
         state = {"model": model.state_dict(), "step": step, "best": best, "last_score": last_score,
-                 "torch_rng": torch.get_rng_state(), "model_config": asdict(model.config), **signatures}
+                 "torch_rng": torch.get_rng_state(), "model_config": asdict(model.config), "world": world,
+                 **signatures}
         if name == "last.pt":  # what a resume needs; best.pt is only evaluated (AdamW's moments: twice the weights)
             state["optimizer"] = opt.state_dict()
         save_checkpoint(run / name, state)
@@ -483,6 +492,11 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
             plans[epoch] = _epoch_plan(feats, cfg, epoch)
         vids, caps = plans[epoch][s]
         return vids[rank::world], caps[rank::world]
+
+    def share_of(g: int) -> float:
+        """This rank's share of step g's anchors (plan_of has built the step's epoch plan)."""
+        epoch, s = divmod(g, steps_per_epoch)
+        return len(plan_of(g)[0]) / len(plans[epoch][s][0])
 
     reader = ThreadPoolExecutor(1)
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress or rank != 0)
@@ -512,7 +526,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
-            _average_gradients(model, world)
+            _average_gradients(model, share_of(step))
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1

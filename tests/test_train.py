@@ -311,6 +311,12 @@ def test_each_epoch_is_a_seeded_shuffle_of_the_videos_with_captions(cache):
     assert not np.array_equal(anchors(0, 1), order) and not np.array_equal(anchors(1, 0), order)
 
 
+def test_training_on_the_test_split_warns(cache, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        train(_cfg(cache, tmp_path / "run", split="test", val_split="", batch_size=6), progress=False)
+    assert "training on the 'test' split: retrieval metrics on it afterwards measure memorisation" in caplog.text
+
+
 def test_allow_partial_trains_on_the_videos_whose_captions_are_done(cache, tmp_path, caplog):
     from pipeline.cache import PENDING, FeatureCache
 
@@ -480,14 +486,24 @@ def test_gradient_averaging_puts_each_mean_back_in_its_own_gradient(tmp_path):
         p.grad = torch.randn_like(p)
     model[1].bias.grad = None  # a parameter without a gradient is left out and stays without one
     before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    # a one-process group: the all-reduce sums one copy, so each gradient must come back divided by world
+    # a one-process group: the all-reduce sums one copy, so each gradient must come back weighted by the rank's share
+    # of the step's anchors (3 of 5 here: the ranks' shares sum to one, so the sum is the mean over all anchors)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        _average_gradients(model, world=4)
+        _average_gradients(model, share=3 / 5)
     finally:
         dist.destroy_process_group()
     for p, g in zip(model.parameters(), before, strict=True):
-        assert (p.grad is None) if g is None else torch.equal(p.grad, g / 4)
+        assert (p.grad is None) if g is None else torch.equal(p.grad, g * (3 / 5))
+
+
+def test_resume_refuses_another_process_count(cache, tmp_path, monkeypatch):
+    import reranker.train as T
+
+    run = train(_cfg(cache, tmp_path / "run", batch_size=12), progress=False)  # one process
+    monkeypatch.setattr(T, "_distributed", lambda device: (0, 2))  # resumed as one of two torchrun processes
+    with pytest.raises(UserError, match=r"started with 1 process\(es\), resumed with 2; .*resume it in one process"):
+        train(TrainConfig(run=str(run)), resume=True, progress=False)
 
 
 def test_two_process_gloo_run_takes_the_expected_steps(cache, tmp_path):
