@@ -180,15 +180,15 @@ class FrozenEncoder:
         self.device = device or default_device()
         if pretrained is None and (shipped := shipped_weights(model_name)) is not None:
             pretrained = str(shipped)  # our own pretrained weights; an explicit --pretrained wins
-        if pretrained == RANDOM:
+        asked_random = pretrained == RANDOM
+        if asked_random:
             pretrained = None
         model = _load_model(model_name, pretrained)
         if not pretrained:
-            log.warning(
-                "RANDOM WEIGHTS: model %s has no --pretrained weights; its features carry no meaning "
-                "(pass an open_clip tag such as 'openai' or a local checkpoint path)",
-                model_name,
-            )
+            log.warning("RANDOM WEIGHTS: model %s %s; its features carry no meaning%s", model_name,
+                        "with random weights, as --pretrained random asks" if asked_random else
+                        "has no --pretrained weights", "" if asked_random else
+                        " (pass an open_clip tag such as 'openai' or a local checkpoint path)")
         else:
             log.info("encoder %s with pretrained weights '%s'", model_name, pretrained)
         visual = getattr(model, "visual", None)
@@ -215,10 +215,12 @@ class FrozenEncoder:
             log.warning("--max-text-tokens %d: %s reads at most %d tokens a caption; keeping %d", max_text_tokens,
                         model_name, context_length, context_length)
         self.max_text_tokens = min(max_text_tokens, context_length)
+        local = bool(pretrained) and Path(pretrained).is_file()
         self.info = EncoderInfo(
             model=model_name,
-            pretrained=str(pretrained or ""),
-            pretrained_sha256=file_sha256(Path(pretrained)) if pretrained and Path(pretrained).is_file() else "",
+            # a local file by its absolute path, so that a cache names it wherever the command ran from
+            pretrained=str(Path(pretrained).resolve() if local else pretrained or ""),
+            pretrained_sha256=file_sha256(Path(pretrained)) if local else "",
             image_size=image_size,
             patch_layer=patch_layer % n_blocks,
             text_layer=text_layer,

@@ -11,6 +11,7 @@ import torch
 from pipeline.cache import FeatureCache
 from pipeline.encoder import FrozenEncoder, autocast, default_device, shipped_weights
 from pipeline.errors import UserError
+from pipeline.files import file_sha256
 from reranker.data import SplitFeatures, to_device
 from reranker.train import check_compatible, load_model, video_bank
 
@@ -32,8 +33,12 @@ def query_encoder(cache: FeatureCache) -> FrozenEncoder:
         raise UserError(f"{cache.path}: built with random encoder weights, which cannot be reproduced to encode a "
                         "query; rebuild the cache with --pretrained (or the shipped default weights)")
     weights = a["pretrained"]
-    if a["pretrained_sha256"] and not Path(weights).is_file() and shipped_weights(a["model"]) is not None:
-        weights = None  # the shipped weights of a moved or re-cloned checkout: the same bytes, checked below
+    if a["pretrained_sha256"] and not Path(weights).is_file():
+        shipped = shipped_weights(a["model"])
+        if shipped is None or file_sha256(shipped) != a["pretrained_sha256"]:
+            raise UserError(f"{weights}: the encoder weights {cache.path} was built with are not there (a relative "
+                            "path is from the folder extract ran in); put them back, or run from that folder")
+        weights = str(shipped)  # the shipped weights of a moved or re-cloned checkout: the same bytes
     # The query's text tokens must come from the block the cache's did; caches older than text_layer stored the last.
     encoder = FrozenEncoder(a["model"], weights, patch_layer=a["patch_layer"],
                             text_layer=a.get("text_layer", -1), max_text_tokens=a["max_text_tokens"])
@@ -55,6 +60,7 @@ def search(cache_path: Path, run: Path, query: str, top: int = 10, top_k: int = 
     device = default_device()
     model = model.to(device)
     tokens, lengths, emb = query_encoder(cache).encode_captions([query])
+    tokens, emb = tokens.half().float(), emb.half().float()  # as the cache stores a caption's: the same scores
     bank = video_bank(model, feats, device)  # [V, E]
     first = (model.first_stage.encode_text(emb.to(device).float()).cpu() @ bank.T)[0]  # [V], float32 like the bank
     k = min(top_k, feats.n_videos)

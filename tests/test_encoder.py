@@ -158,7 +158,8 @@ def test_local_checkpoint_loads_and_is_recorded(encoder, tmp_path):
 def test_random_weights_warn_loudly(caplog):
     with caplog.at_level(logging.WARNING):  # the shipped weights are the default; random init is asked for by name
         enc = FrozenEncoder(DEFAULT_MODEL, pretrained="random", device=torch.device("cpu"))
-    assert "RANDOM WEIGHTS" in caplog.text and enc.info.pretrained == ""
+    assert "RANDOM WEIGHTS: model CrossTVR-Tiny with random weights, as --pretrained random asks" in caplog.text
+    assert "'openai'" not in caplog.text and enc.info.pretrained == ""  # no advice to take what it cannot load
 
 
 @pytest.mark.parametrize(

@@ -67,3 +67,16 @@ def test_a_moved_checkout_searches_with_its_shipped_weights(tiny_dataset, tmp_pa
     shutil.rmtree(elsewhere.parent)
     hits = search(cache, run, "clip number 3", top=3, top_k=2)
     assert len(hits) == 3 and hits[0].final is not None
+
+
+def test_weights_that_are_gone_are_named_and_a_relative_path_is_recorded_whole(setup, tiny_dataset, tmp_path,
+                                                                               monkeypatch):
+    cache, run, weights = setup
+    assert FeatureCache(cache).attrs["pretrained"] == str(weights.resolve())
+    monkeypatch.chdir(weights.parent)
+    relative = run_extract(ExtractConfig(dataset="manifest", data_root=tiny_dataset, cache=tmp_path / "r.zarr",
+                                         pretrained=weights.name, progress=False)).cache
+    assert FeatureCache(relative).attrs["pretrained"] == str(weights.resolve())  # found from any folder
+    weights.unlink()  # not the shipped weights' bytes: nothing may stand in for them
+    with pytest.raises(UserError, match=f"{weights.resolve()}: the encoder weights .* are not there"):
+        search(cache, run, "anything")
