@@ -55,7 +55,8 @@ def search(cache_path: Path, run: Path, query: str, top: int = 10, top_k: int = 
         raise UserError("search: the query is empty; pass the text to search for, e.g. \"a red circle moves left\"")
     cache = FeatureCache(cache_path)
     model, state = load_model(run)
-    check_compatible(state["cache_signature"], cache, run)
+    check_compatible(state["cache_signature"], cache, run, "search a cache made with the same model and settings "
+                     "(without --cache: the one it was trained on)")
     feats = SplitFeatures.open(cache, None, allow_partial=True)
     device = default_device()
     model = model.to(device)

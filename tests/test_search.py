@@ -17,6 +17,7 @@ from pipeline.errors import UserError
 from pipeline.extract import ExtractConfig, run_extract
 from reranker.search import search
 from reranker.train import TrainConfig, train
+from tests.conftest import make_feature_cache
 
 
 @pytest.fixture
@@ -47,8 +48,11 @@ def test_search_ranks_candidates_first_by_final_score(setup):
     assert empty.exit_code == 2 and "search: the query is empty" in empty.output
 
 
-def test_search_refuses_other_weights(setup):
+def test_search_refuses_other_weights(setup, tmp_path):
     cache, run, weights = setup
+    other = make_feature_cache(tmp_path / "other.zarr", {"test": 4}, frames=6)
+    with pytest.raises(UserError, match=r"trained on a cache with .*; search a cache made with the same model"):
+        search(other, run, "anything")
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(UserError, match="differs from the one"):
         search(cache, run, "anything")
