@@ -698,23 +698,41 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
+def set_state(out: Path) -> str:
+    """What out/ holds: 'empty' (nothing, or no folder yet), 'finished' (params.json and manifest.csv), 'unfinished'
+    (params.json only: a run was killed) or 'other' (a file, or files that make-synthetic did not write)."""
+    out = Path(out)
+    if not out.exists():
+        return "empty"
+    if not out.is_dir():
+        return "other"
+    if (out / "params.json").is_file():
+        return "finished" if (out / "manifest.csv").is_file() else "unfinished"
+    # A run killed while writing params.json leaves only its temporary file.
+    return "other" if any(p.name != ".params.json.part" for p in out.iterdir()) else "empty"
+
+
 def _prepare(out: Path, params: dict) -> None:
     """Make out/ hold videos of these params only: stale ones (other params) are removed before any is written."""
     videos = out / "videos"
     params_path = out / "params.json"
+    if set_state(out) == "other":  # someone else's files (their own manifest.csv, say): never written over
+        what = "holds files but no params.json, so it is not a synthetic set made by make-synthetic" if out.is_dir() \
+            else "is a file, not a folder"
+        raise UserError(f"{out}: {what}; choose another --out (a new or empty folder)")
     old = json.loads(params_path.read_text(encoding="utf-8")) if params_path.is_file() else None
     existing = sorted(videos.glob("v*.mp4")) if videos.is_dir() else []
-    if old is None and existing:
-        raise UserError(f"{out}: holds videos but no params.json, so it is not a synthetic set; choose an empty --out")
     if old is not None and old != params:
         log.warning("%s: was generated with %s; regenerating with %s", out, old, params)
         (out / "manifest.csv").unlink(missing_ok=True)
         for path in existing:
             path.unlink()
-    videos.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    # params.json first: a run killed before it wrote anything else leaves a folder that is still ours.
+    write_text_atomic(params_path, json.dumps(params, indent=1) + "\n")
+    videos.mkdir(exist_ok=True)
     for part in videos.glob(".*.part"):  # left by a killed run
         part.unlink()
-    write_text_atomic(params_path, json.dumps(params, indent=1) + "\n")
 
 
 def make_synthetic(

@@ -475,6 +475,26 @@ def test_bad_arguments_are_user_errors(tmp_path):
         make_synthetic(tmp_path / "y", videos=2)
 
 
+def test_a_folder_of_other_files_is_refused_and_left_as_it_was(tmp_path):
+    theirs = tmp_path / "msvd"
+    (theirs / "videos").mkdir(parents=True)
+    (theirs / "manifest.csv").write_text("video,caption,split\nvideos/a.mp4,their caption,train\n")
+    (theirs / "videos" / "a.mp4").write_bytes(b"their video")
+    before = {p: p.read_bytes() for p in theirs.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(cli.main, ["make-synthetic", "--out", str(theirs), "--videos", "1"])
+    assert result.exit_code == 2
+    assert result.output == (f"error: {theirs}: holds files but no params.json, so it is not a synthetic set made by "
+                             "make-synthetic; choose another --out (a new or empty folder)\n")
+    assert {p: p.read_bytes() for p in theirs.rglob("*") if p.is_file()} == before
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(a_file))}: is a file, not a folder; choose another --out"):
+        make_synthetic(a_file, videos=1)
+    # An empty folder is fine.
+    (tmp_path / "empty").mkdir()
+    assert read_manifest(make_synthetic(tmp_path / "empty", videos=1, workers=1))
+
+
 def test_negative_seed_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(cli.main, ["make-synthetic", "--out", str(tmp_path / "x"), "--videos", "2", "--seed", "-1"])
     assert result.exit_code == 2, result.output
