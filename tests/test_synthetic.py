@@ -502,10 +502,11 @@ def test_negative_seed_is_a_usage_error(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_adapter_generates_when_missing(generated, tmp_path):
+def test_adapter_generates_when_missing(generated, tmp_path, monkeypatch):
     _import_adapters()
     assert ADAPTERS["synthetic"] is load and "synthetic" in GENERATED
-    root = tmp_path / "data" / "synthetic"  # not there yet: the adapter makes it
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "data" / "synthetic"  # the default data root, not there yet: the adapter makes it
     records = load(root, videos=N_VIDEOS)
     assert (root / "manifest.csv").is_file()
     assert len(records) == N_VIDEOS and {r.split for r in records} == set(SPLITS)
@@ -516,6 +517,44 @@ def test_adapter_generates_when_missing(generated, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(generated, copy)
     assert [r.captions for r in load(copy)] == [r.captions for r in records]
+
+
+def _no_synthetic_set(root: Path) -> str:
+    return (f"{root}: holds no synthetic set (no manifest.csv and params.json from make-synthetic); pass --dataset "
+            f"msvd|msrvtt|manifest for another dataset, or make one there with make-synthetic --out {root}")
+
+
+def test_adapter_generates_nothing_outside_the_default_data_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    msvd = tmp_path / "msvd"
+    msvd.mkdir()
+    (msvd / "raw-captions.pkl").write_bytes(b"their captions")
+    cache = tmp_path / "cache" / "c.zarr"
+    result = CliRunner().invoke(cli.main, ["extract", "--data-root", str(msvd), "--cache", str(cache)])
+    assert result.exit_code == 2 and result.output == f"error: {_no_synthetic_set(msvd)}\n"
+    assert [p.name for p in msvd.iterdir()] == ["raw-captions.pkl"]
+    # A mistyped path, another dataset's manifest, the default root holding other files, an unfinished set elsewhere.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "manifest.csv").write_text("video,caption,split\nvideos/a.mp4,a caption,train\n")
+    (tmp_path / "data" / "synthetic").mkdir(parents=True)
+    (tmp_path / "data" / "synthetic" / "notes.txt").write_text("mine")
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "params.json").write_text("{}")
+    for root in (tmp_path / "msvd_typo", tmp_path / "mine", Path("data/synthetic"), tmp_path / "unfinished"):
+        with pytest.raises(UserError) as refused:
+            load(root, videos=2)
+        assert str(refused.value) == _no_synthetic_set(root)
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["cache/c.zarr.run.lock", "data/synthetic/notes.txt", "mine/manifest.csv", "msvd/raw-captions.pkl",
+                     "unfinished/params.json"]  # (the lock file is extract's own, taken before the records are read)
+
+
+def test_adapter_finishes_a_killed_generation_with_its_own_parameters(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = make_synthetic(Path("data/synthetic"), videos=3, seed=5, workers=1)
+    manifest = (root / "manifest.csv").read_bytes()
+    (root / "manifest.csv").unlink()  # as a run killed before its end leaves it
+    assert load(root, videos=3) == read_manifest(root) and (root / "manifest.csv").read_bytes() == manifest
 
 
 # ------------------------------------------------------------------------------ clutter
