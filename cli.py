@@ -206,12 +206,16 @@ def export_h5_cmd(cache, out) -> None:
 @click.option("--seconds", default=2.0, show_default=True)
 @click.option("--clutter", default=0, show_default=True,
               help="Unnamed look-alike objects in the corners of every video (0 to 4).")
+@click.option("--overwrite", is_flag=True,
+              help="Make the set again when --out holds one made with other options (caches extracted from it go "
+                   "stale); without it that is refused. A set made with the same options is kept and completed.")
 @_friendly
-def make_synthetic_cmd(out, videos, seed, size, seconds, clutter) -> None:
+def make_synthetic_cmd(out, videos, seed, size, seconds, clutter, overwrite) -> None:
     """Render the synthetic fine-grained video set (mp4 files, manifest.csv, scenes.jsonl)."""
     from pipeline.synthetic import make_synthetic
 
-    path = make_synthetic(out, videos=videos, seed=seed, size=size, seconds=seconds, clutter=clutter)
+    path = make_synthetic(out, videos=videos, seed=seed, size=size, seconds=seconds, clutter=clutter,
+                          overwrite=overwrite)
     click.echo(f"synthetic set in {path}")
 
 

@@ -43,7 +43,7 @@ from pipeline.ffmpeg import ffmpeg_exe
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when rendering or planning changes, so old folders are regenerated
+FORMAT_VERSION = 1  # bump when rendering or planning changes, so old folders are refused (remade with --overwrite)
 
 # ----------------------------------------------------------------------------- vocabulary
 
@@ -712,20 +712,44 @@ def set_state(out: Path) -> str:
     return "other" if any(p.name != ".params.json.part" for p in out.iterdir()) else "empty"
 
 
-def _prepare(out: Path, params: dict) -> None:
-    """Make out/ hold videos of these params only: stale ones (other params) are removed before any is written."""
+OPTIONS = {"format": "format", "videos": "--videos", "seed": "--seed", "size": "--size", "seconds": "--seconds",
+           "fps": "fps", "clutter": "--clutter"}  # params.json's keys as make-synthetic's options (frames follow)
+
+
+def _recorded(out: Path) -> dict | None:
+    """The params out/ was made with (None: no set), with what older versions left out filled in where known."""
+    path = out / "params.json"
+    if not path.is_file():
+        return None
+    old = {"clutter": 0, **json.loads(path.read_text(encoding="utf-8"))}
+    if "videos" not in old and set_state(out) == "finished":  # a set from before the count was recorded
+        old["videos"] = len((out / "scenes.jsonl").read_text(encoding="utf-8").splitlines())
+    return old
+
+
+def _prepare(out: Path, params: dict, planned: Sequence[str], overwrite: bool) -> None:
+    """Make out/ hold the planned videos of these params only: a set made with others is refused unless overwrite,
+    and then its stale videos are removed before anything is written."""
     videos = out / "videos"
     params_path = out / "params.json"
     if set_state(out) == "other":  # someone else's files (their own manifest.csv, say): never written over
         what = "holds files but no params.json, so it is not a synthetic set made by make-synthetic" if out.is_dir() \
             else "is a file, not a folder"
         raise UserError(f"{out}: {what}; choose another --out (a new or empty folder)")
-    old = json.loads(params_path.read_text(encoding="utf-8")) if params_path.is_file() else None
-    existing = sorted(videos.glob("v*.mp4")) if videos.is_dir() else []
-    if old is not None and old != params:
-        log.warning("%s: was generated with %s; regenerating with %s", out, old, params)
-        (out / "manifest.csv").unlink(missing_ok=True)
-        for path in existing:
+    old, new = _recorded(out), {"clutter": 0, **params}
+    differ = [k for k in OPTIONS if old is not None and old.get(k, new[k]) != new[k]]
+    if differ and not overwrite:  # re-rendering it would leave every cache extracted from it stale
+        made = " ".join(f"{OPTIONS[k]} {old[k]}" for k in differ)
+        asked = " ".join(f"{OPTIONS[k]} {new[k]}" for k in differ)
+        raise UserError(f"{out}: holds a synthetic set made with {made}, not {asked}; pass --overwrite to make it "
+                        "again (caches extracted from it go stale) or choose another --out")
+    if differ:
+        log.warning("%s: made with %s; making it again with %s", out, old, new)
+        (out / "manifest.csv").unlink(missing_ok=True)  # first: from here on the folder reads as unfinished
+    # Another count keeps the first videos (plan is a prefix); anything else changes every one.
+    keep = set(planned) if set(differ) <= {"videos"} else set()
+    for path in sorted(videos.glob("v*.mp4")) if videos.is_dir() else []:
+        if path.relative_to(out).as_posix() not in keep:
             path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     # params.json first: a run killed before it wrote anything else leaves a folder that is still ours.
@@ -744,10 +768,12 @@ def make_synthetic(
     fps: int = 12,
     workers: int | None = None,
     clutter: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Render the benchmark into out/ (videos/*.mp4, scenes.jsonl, manifest.csv last); resumes a killed run.
 
     clutter: unnamed objects in the corners of every video (0 to 4; see the module docstring).
+    overwrite: make the set again when out/ holds one made with other parameters (refused otherwise).
     """
     n_frames = int(round(seconds * fps))
     if videos < 1:
@@ -759,11 +785,12 @@ def make_synthetic(
     if not 0 <= clutter <= len(CORNERS):
         raise UserError(f"--clutter {clutter}: need 0 to {len(CORNERS)} objects (one per corner)")
     out = Path(out)
-    params = {"format": FORMAT_VERSION, "seed": seed, "size": size, "seconds": seconds, "fps": fps, "frames": n_frames}
-    if clutter:  # only then, so sets made before clutter existed keep their params and are not re-rendered
+    params = {"format": FORMAT_VERSION, "videos": videos, "seed": seed, "size": size, "seconds": seconds, "fps": fps,
+              "frames": n_frames}
+    if clutter:  # only then, as before clutter existed
         params["clutter"] = clutter
-    _prepare(out, params)
     planned = plan(videos, seed, clutter)
+    _prepare(out, params, [p.video for p in planned], overwrite)
     todo = [p for p in planned if not (out / p.video).is_file()]
     if todo:
         # A manifest next to missing videos would read as a finished set.

@@ -458,10 +458,45 @@ def test_resume_after_a_killed_run(tmp_path):
     assert (root / "manifest.csv").read_bytes() == manifest
     assert _mp4s(root)[0].stat().st_mtime_ns == kept  # finished videos are not rendered again
     assert not list((root / "videos").glob(".*"))
-    # Other settings: every video is rendered again.
-    make_synthetic(root, videos=3, seed=4, size=32, workers=1)
+    # Other settings, with overwrite: every video is rendered again.
+    make_synthetic(root, videos=3, seed=4, size=32, workers=1, overwrite=True)
     assert decode_video(_mp4s(root)[0], 4, 32).frames.shape == (4, 32, 32, 3)
     assert _mp4s(root)[0].read_bytes() != before["v00000.mp4"]
+
+
+def test_a_set_made_with_other_options_is_refused_unless_overwrite(tmp_path):
+    root = make_synthetic(tmp_path / "s", videos=4, seed=0, workers=1)
+    files = lambda: {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)  # noqa: E731
+                     for p in root.rglob("*") if p.is_file()}
+    before = files()
+    for options, made, asked in ((["--seed", "1"], "--seed 0", "--seed 1"),
+                                 (["--videos", "2"], "--videos 4", "--videos 2"),
+                                 (["--size", "32", "--clutter", "1"], "--size 64 --clutter 0",
+                                  "--size 32 --clutter 1")):
+        result = CliRunner().invoke(cli.main, ["make-synthetic", "--out", str(root), "--videos", "4", *options])
+        assert result.exit_code == 2
+        assert result.output == (f"error: {root}: holds a synthetic set made with {made}, not {asked}; "
+                                 "pass --overwrite to make it again (caches extracted from it go stale) "
+                                 "or choose another --out\n")
+        assert files() == before
+    make_synthetic(root, videos=4, seed=0, workers=1)  # the same options: nothing is rendered again
+    assert {k: v for k, v in files().items() if k.startswith("videos/")} == \
+        {k: v for k, v in before.items() if k.startswith("videos/")}
+    # A set from before params.json recorded the count: its scenes.jsonl gives it.
+    params = json.loads((root / "params.json").read_text())
+    (root / "params.json").write_text(json.dumps({k: v for k, v in params.items() if k != "videos"}))
+    with pytest.raises(UserError, match="made with --videos 4, not --videos 3;"):
+        make_synthetic(root, videos=3, seed=0, workers=1)
+    # Fewer videos: the first ones are kept as they are, no stale one is left over.
+    make_synthetic(root, videos=2, seed=0, workers=1, overwrite=True)
+    assert [p.name for p in _mp4s(root)] == ["v00000.mp4", "v00001.mp4"]
+    assert all(files()[f"videos/{p.name}"] == before[f"videos/{p.name}"] for p in _mp4s(root))
+    assert {r.video_id for r in read_manifest(root)} == {"videos/v00000.mp4", "videos/v00001.mp4"}
+    # Another seed: every video is made again, as a new folder would get it.
+    make_synthetic(root, videos=2, seed=1, workers=1, overwrite=True)
+    fresh = make_synthetic(tmp_path / "fresh", videos=2, seed=1, workers=1)
+    assert [p.read_bytes() for p in _mp4s(root)] == [p.read_bytes() for p in _mp4s(fresh)]
+    assert (root / "manifest.csv").read_bytes() == (fresh / "manifest.csv").read_bytes()
 
 
 def test_bad_arguments_are_user_errors(tmp_path):
@@ -554,7 +589,7 @@ def test_adapter_finishes_a_killed_generation_with_its_own_parameters(tmp_path, 
     root = make_synthetic(Path("data/synthetic"), videos=3, seed=5, workers=1)
     manifest = (root / "manifest.csv").read_bytes()
     (root / "manifest.csv").unlink()  # as a run killed before its end leaves it
-    assert load(root, videos=3) == read_manifest(root) and (root / "manifest.csv").read_bytes() == manifest
+    assert load(root) == read_manifest(root) and (root / "manifest.csv").read_bytes() == manifest
 
 
 # ------------------------------------------------------------------------------ clutter
