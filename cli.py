@@ -214,8 +214,11 @@ def make_synthetic_cmd(out, videos, seed, size, seconds, clutter, overwrite) -> 
     """Render the synthetic fine-grained video set (mp4 files, manifest.csv, scenes.jsonl)."""
     from pipeline.synthetic import make_synthetic
 
-    path = make_synthetic(out, videos=videos, seed=seed, size=size, seconds=seconds, clutter=clutter,
-                          overwrite=overwrite)
+    try:
+        path = make_synthetic(out, videos=videos, seed=seed, size=size, seconds=seconds, clutter=clutter,
+                              overwrite=overwrite)
+    except KeyboardInterrupt:
+        _interrupted(f"finished videos are kept in {out}; run the same command to continue")
     click.echo(f"synthetic set in {path}")
 
 

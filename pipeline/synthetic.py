@@ -20,7 +20,7 @@ per video, so the output depends only on the arguments, never on the number of w
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import csv
 import functools
 import io
@@ -28,6 +28,10 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -675,20 +679,80 @@ def encode_video(frames: np.ndarray, path: Path, fps: int) -> None:
             threads=1, map_metadata=-1, fflags="+bitexact", **{"flags:v": "+bitexact"},
         )
     )
+    # A session of its own: a Ctrl-C in the terminal reaches only us, and we stop ffmpeg (it would exit "failed").
+    proc = subprocess.Popen(stream.compile(cmd=ffmpeg_exe(), overwrite_output=True), stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        stream.run(cmd=ffmpeg_exe(), input=np.ascontiguousarray(frames).tobytes(), capture_stdout=True,
-                   capture_stderr=True, overwrite_output=True)
-    except ffmpeg.Error as e:
+        _, err = proc.communicate(np.ascontiguousarray(frames).tobytes())
+    except BaseException:  # Ctrl-C, or the pool stopping this worker: no ffmpeg and no .part file left behind
+        proc.kill()
+        proc.wait()
         tmp.unlink(missing_ok=True)
-        tail = (e.stderr or b"").decode("utf-8", "replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"{path}: ffmpeg failed to encode: {' | '.join(tail)}") from None
-    os.replace(tmp, path)
+        raise
+    if proc.returncode:
+        tmp.unlink(missing_ok=True)
+        tail = err.decode("utf-8", "replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"{path}: ffmpeg failed to encode: {' | '.join(tail)}")
+    os.replace(tmp, path)  # only a whole video ever has its final name: a re-run takes those as done
 
 
 def _render_one(task: tuple[Scene, str, int, int, int]) -> str:
     scene, path, size, n_frames, fps = task
     encode_video(render_video(scene, size, n_frames), Path(path), fps)
     return path
+
+
+def _worker_init() -> None:
+    """Pool worker: Ctrl-C is the parent's to handle; Pool.terminate()'s SIGTERM exits through encode_video's cleanup
+    (stopping ffmpeg, removing the .part file) instead of killing the worker in the middle of it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # again, for a worker the pool starts later to replace one
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Processes started in here ignore SIGINT from their first instruction on (exec keeps an ignored signal), so a
+    Ctrl-C reaches only this process, which stops them, and no worker prints a traceback. A Ctrl-C meanwhile is held
+    back (blocked; Linux never discards a blocked signal) and raised on the way out."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield  # only the main thread sets handlers; _worker_init still ignores SIGINT once the worker runs
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a held Ctrl-C is raised here
+
+
+def _render_all(tasks: list[tuple], workers: int) -> None:
+    """Render and encode the tasks' videos; on Ctrl-C (or an error) the pending ones are dropped and the running ones
+    stopped at once, their ffmpeg included."""
+    progress = functools.partial(tqdm, total=len(tasks), desc="synthetic videos", unit="video")
+    if workers == 1:
+        with progress() as bar:
+            for task in tasks:
+                _render_one(task)
+                bar.update()
+        return
+    pool = None
+    try:
+        with _sigint_held():  # before the progress bar starts its thread, which a held Ctrl-C could be lost to
+            # spawn: the caller may hold threads (torch, tqdm) that make fork unsafe.
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
+        with progress() as bar:
+            for _ in pool.imap_unordered(_render_one, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 4)))):
+                bar.update()
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
+        if pool is not None:
+            pool.join()
 
 
 def _cpus() -> int:
@@ -798,17 +862,7 @@ def make_synthetic(
     log.info("%s: %d synthetic videos (%d to render, %d already there)", out, videos, len(todo), videos - len(todo))
     tasks = [(p.scene, str(out / p.video), size, n_frames, fps) for p in todo]
     workers = max(1, min(workers or _cpus(), len(tasks) or 1))
-    with tqdm(total=len(tasks), desc="synthetic videos", unit="video") as bar:
-        if workers == 1:
-            for task in tasks:
-                _render_one(task)
-                bar.update()
-        else:
-            # spawn: the caller may hold threads (torch, tqdm) that make fork unsafe.
-            ctx = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                for _ in pool.map(_render_one, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 4)))):
-                    bar.update()
+    _render_all(tasks, workers)
 
     lines = [
         json.dumps({

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from pipeline.synthetic import (
     SIZE_WORDS,
     TWIN_ATTRIBUTE,
     Scene,
+    encode_video,
     frame_captions,
     make_synthetic,
     plan,
@@ -45,6 +51,7 @@ from pipeline.synthetic import (
     scene_facts,
     true_of,
 )
+from tests.conftest import ROOT, subprocess_env
 
 N_VIDEOS = 10
 SIZE = 64
@@ -497,6 +504,52 @@ def test_a_set_made_with_other_options_is_refused_unless_overwrite(tmp_path):
     fresh = make_synthetic(tmp_path / "fresh", videos=2, seed=1, workers=1)
     assert [p.read_bytes() for p in _mp4s(root)] == [p.read_bytes() for p in _mp4s(fresh)]
     assert (root / "manifest.csv").read_bytes() == (fresh / "manifest.csv").read_bytes()
+
+
+def _running(pgid: int, out: Path) -> list[str]:
+    """Live processes of the process group, or writing into out (ffmpeg runs in a session of its own)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if state != "Z" and (int(pgrp) == pgid or str(out) in cmdline):
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc (Linux)")
+@pytest.mark.parametrize("when", ["while the workers start", "while videos are rendered"])
+def test_ctrl_c_stops_at_once_and_leaves_only_whole_videos(tmp_path, when):
+    out = tmp_path / "s"
+    # A session of its own, as a terminal's foreground job: Ctrl-C sends SIGINT to every process of the group.
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "make-synthetic", "--out", str(out), "--videos",
+                             "3000"], env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ready = (lambda: (out / "params.json").is_file()) if when.endswith("start") else (lambda: _mp4s(out))
+    deadline = time.monotonic() + 60
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 10 and proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "Aborted" not in err
+    assert err.endswith(f"\ninterrupted: finished videos are kept in {out}; run the same command to continue\n")
+    for _ in range(100):  # the pool's resource tracker ends a moment after the command
+        if not _running(proc.pid, out):
+            break
+        time.sleep(0.05)
+    assert not _running(proc.pid, out)
+    # Every video with its final name is whole (the set it was cut from, as the same command goes on with it).
+    assert not (out / "manifest.csv").exists() and len(_mp4s(out)) < 3000
+    by_video = {p.video: p.scene for p in plan(max([int(p.stem[1:]) + 1 for p in _mp4s(out)], default=0), 0)}
+    for path in _mp4s(out):
+        again = tmp_path / "again.mp4"
+        encode_video(render_video(by_video[path.relative_to(out).as_posix()], 64, 24), again, 12)
+        assert path.read_bytes() == again.read_bytes(), path.name
 
 
 def test_bad_arguments_are_user_errors(tmp_path):
