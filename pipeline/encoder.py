@@ -137,6 +137,9 @@ def _load_model(model_name: str, pretrained: str | None):
         raise UserError(f"{pretrained}: checkpoint file not found; pass --pretrained an existing file or an open_clip tag")
     if pretrained and not Path(pretrained).is_file():
         check_activation(model_name, pretrained)
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "false", ""):
+            log.info("--pretrained %s: from the local hub cache or a download (without network the hub retries for "
+                     "about a minute; HF_HUB_OFFLINE=1 fails at once)", pretrained)
     try:
         # weights_only (open_clip's default, kept explicit): a local .pt is read without running pickled code
         with warnings.catch_warnings():  # torch's own words on a TorchScript file: the refusal below says it in one

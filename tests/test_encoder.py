@@ -282,3 +282,18 @@ def test_the_hubs_retry_chatter_shows_only_with_verbose(verbose):
     assert out.returncode == 0, out.stderr
     assert ("Retrying in 1s" in out.stderr) == verbose, out.stderr
 
+
+
+@pytest.mark.parametrize("offline", ["", "1"])
+def test_a_tag_says_before_the_hubs_retries_how_to_skip_them(monkeypatch, caplog, offline):
+    import open_clip
+
+    def no_network(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag 'openai'")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", no_network)
+    with caplog.at_level(logging.INFO), pytest.raises(UserError, match="could not load pretrained weights 'openai'"):
+        FrozenEncoder("ViT-B-32-quickgelu", "openai", device=torch.device("cpu"))
+    said = "without network the hub retries for about a minute; HF_HUB_OFFLINE=1 fails at once" in caplog.text
+    assert said == (offline == "")  # told while waiting; not when the hub is already told it is offline
