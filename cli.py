@@ -344,17 +344,34 @@ def search(query, cache, run, top, top_k) -> None:
 
 
 @main.command("pretrain-tiny")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("pipeline/weights/CrossTVR-Tiny.safetensors"),
-              show_default=True, help="fp16 safetensors file (a .sha256 sidecar is written next to it).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="fp16 safetensors file (a .sha256 sidecar is written next to it) [default: the shipped "
+                   "pipeline/weights/CrossTVR-Tiny.safetensors of this checkout, from any folder].")
 @click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Steps between checkpoints (<out>.ckpt.pt, removed once the weights are written).")
+@click.option("--resume", is_flag=True, help="Continue from --out's checkpoint (same --steps, --batch-size, --seed).")
 @_friendly
-def pretrain_tiny_cmd(out, steps, batch_size, seed) -> None:
+def pretrain_tiny_cmd(out, steps, batch_size, seed, checkpoint_every, resume) -> None:
     """Pretrain the CrossTVR-Tiny CLIP from scratch on rendered synthetic frames (CPU; see docs/pretrain.md)."""
-    from pipeline.pretrain import pretrain_tiny
+    import shlex
 
-    path = pretrain_tiny(out, steps=steps, batch_size=batch_size, seed=seed)
+    from pipeline.files import previous_checkpoint
+    from pipeline.pretrain import DEFAULT_WEIGHTS, checkpoint_path, pretrain_tiny
+
+    out = out or DEFAULT_WEIGHTS  # beside pipeline/encoder.py, where the encoder looks for it, whatever the folder
+    ckpt = checkpoint_path(out)
+    try:
+        path = pretrain_tiny(out, steps=steps, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,
+                             resume=resume)
+    except KeyboardInterrupt:
+        again = f"pretrain-tiny --out {shlex.quote(str(out))} --steps {steps} --batch-size {batch_size} --seed {seed}"
+        _interrupted(f"the last checkpoint is {ckpt}; continue with {again} --resume"
+                     if ckpt.exists() or previous_checkpoint(ckpt).exists()
+                     else f"no checkpoint yet (the first comes after {checkpoint_every} steps); run the same "
+                          "command to start again")
     click.echo(f"wrote {path}")
 
 

@@ -1,12 +1,16 @@
-"""Small file helpers shared by the encoder, the cache, the data generator and the trainer."""
+"""Small file helpers shared by the encoder, the cache, the data generator and both trainers (the reranker's and
+pretrain-tiny's checkpoints)."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
 from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def file_sha256(path: Path) -> str:
@@ -37,3 +41,40 @@ def check_output_path(path: Path, option: str, folder: bool) -> None:
     above = next((p for p in path.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise UserError(f"{path}: {above} is a file, not a folder; pass {option} a {kind} path in a folder")
+
+
+def previous_checkpoint(path: Path) -> Path:
+    """Where save_checkpoint keeps the checkpoint before `path` (last.pt: last.prev.pt)."""
+    return path.with_suffix(".prev.pt")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic write; the previous checkpoint is kept as <name>.prev.pt as a fallback. torch is imported here, not at
+    import time: most users of this module never touch a checkpoint."""
+    import torch
+
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, previous_checkpoint(path))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path, fix: str) -> dict:
+    """Load with weights_only=True; a damaged file falls back to its .prev.pt copy with a clear warning. Neither
+    loadable: one line naming `path`, ending with `fix` (what the caller's user can do)."""
+    import torch
+
+    for candidate in (path, previous_checkpoint(path)):
+        if not candidate.exists():
+            continue
+        try:
+            return torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated, corrupt or a pickled payload: all refused alike
+            log.warning("%s is damaged or unsafe (%s); refused", candidate, str(e).splitlines()[0][:120])
+    raise UserError(f"{path}: no loadable checkpoint (missing, damaged or not weights-only); {fix}")

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from pipeline.encoder import DEFAULT_MODEL, WEIGHTS_DIR, register_model_configs
 from pipeline.errors import UserError
-from pipeline.files import check_output_path, file_sha256, write_text_atomic
+from pipeline.files import (check_output_path, file_sha256, load_checkpoint, previous_checkpoint, save_checkpoint,
+                            write_text_atomic)
 from pipeline.synthetic import BACKGROUND, COLOURS, SHAPES, Scene, frame_captions, render_frame, sample_frame_scene
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,9 @@ def save_weights(model: torch.nn.Module, out: Path) -> Path:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     tmp = out.with_name(out.name + ".tmp")
     try:
-        save_file(state, str(tmp), metadata={"format": "pt", "model": DEFAULT_MODEL})
+        # One metadata key: safetensors writes the map in a random order, so with two ("model" too) the same weights
+        # made files with other bytes half of the time, and a resumed run could not be checked against its twin.
+        save_file(state, str(tmp), metadata={"format": "pt"})
         os.chmod(tmp, 0o644)  # safetensors creates files private to the user; these weights ship
         os.replace(tmp, out)
     finally:
@@ -153,6 +156,38 @@ def save_weights(model: torch.nn.Module, out: Path) -> Path:
 # ----------------------------------------------------------------------------- training
 
 
+def checkpoint_path(out: Path) -> Path:
+    """Where a pretraining into `out` keeps its checkpoint until the weights are written: `<out>.ckpt.pt`."""
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt.pt")
+
+
+# How a resume that differs is named to the user: the CLI's options by their flags, the rest by keyword.
+_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "seed": "--seed"}
+
+
+def _resume_state(ckpt: Path, resume: bool, options: dict) -> dict | None:
+    """The checkpoint to continue from (None: start afresh), or one line saying why not. Read before the model is
+    built, so that a refusal costs nothing."""
+    found = next((p for p in (ckpt, previous_checkpoint(ckpt)) if p.exists()), None)
+    if not resume:
+        if found is not None:
+            raise UserError(f"{found}: an unfinished pretraining's checkpoint is there; pass --resume to continue it, "
+                            "or delete it")
+        return None
+    if found is None:
+        raise UserError(f"{ckpt}: no checkpoint to resume (none written yet, or the run finished); "
+                        "run without --resume")
+    state = load_checkpoint(ckpt, "delete it and run without --resume to start again")
+    for key, now in options.items():
+        then = state["options"].get(key)
+        if then != now:
+            name = _FLAGS.get(key, key)
+            raise UserError(f"{ckpt}: started with {name} {then}, resumed with {name} {now}; resume with the options "
+                            "it started with, or delete it to start again")
+    return state
+
+
 def pretrain_tiny(
     out: Path = DEFAULT_WEIGHTS,
     steps: int = 2000,
@@ -164,11 +199,26 @@ def pretrain_tiny(
     patch_loss: float = 0.5,
     threads: int = 2,
     progress: bool = True,
+    checkpoint_every: int = 100,
+    resume: bool = False,
 ) -> Path:
-    """Train CrossTVR-Tiny contrastively from scratch on rendered frames; save fp16 safetensors to `out`."""
+    """Train CrossTVR-Tiny contrastively from scratch on rendered frames; save fp16 safetensors to `out`.
+
+    Every `checkpoint_every` steps the model, the patch head, AdamW, the schedule, the step and torch's RNG (the
+    pixel noise; step s's frames and captions come from default_rng([10**6 + seed, s]), which needs no state) go to
+    checkpoint_path(out), atomically; `resume` continues from it and ends with the same bits as a run never
+    stopped (same options and thread count). The checkpoint is removed once the weights are written.
+    """
     if steps < 1 or batch_size < 2:
         raise UserError(f"--steps {steps} / --batch-size {batch_size}: need at least 1 step and 2 frames per batch")
+    if checkpoint_every < 1:
+        raise UserError(f"--checkpoint-every {checkpoint_every}: need at least 1 step between checkpoints")
     check_output_path(Path(out), "--out", folder=False)  # before the training it would lose
+    ckpt = checkpoint_path(out)
+    # What the bits of the result depend on; a resume with any other value would make other weights.
+    options = {"steps": steps, "batch_size": batch_size, "seed": seed, "lr": lr, "warmup": warmup,
+               "weight_decay": weight_decay, "patch_loss": patch_loss, "threads": threads}
+    state = _resume_state(ckpt, resume, options)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model, tokenizer, mean, std = _create(DEFAULT_MODEL)
@@ -185,9 +235,19 @@ def pretrain_tiny(
         return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    first = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        first = state["step"]
+        log.info("resuming %s at step %d of %d", ckpt, first, steps)
     model.train()
     start = time.time()
-    bar = tqdm(range(steps), desc="pretrain", disable=not progress, mininterval=10)
+    bar = tqdm(range(first, steps), initial=first, total=steps, desc="pretrain", disable=not progress,
+               mininterval=10)
     for step in bar:
         rng = np.random.default_rng([TRAIN_SEED_BASE + seed, step])  # disjoint from the benchmark's seeds
         frames, captions, colour, shape = make_batch(rng, batch_size, size, patch)
@@ -211,8 +271,16 @@ def pretrain_tiny(
                             scale=f"{model.logit_scale.exp().item():.1f}")
             log.info("step %d/%d clip %.4f patch %.4f scale %.1f lr %.2e %.2f s/step", step, steps, loss_clip.item(),
                      loss_patch.item(), model.logit_scale.exp().item(), sched.get_last_lr()[0],
-                     (time.time() - start) / (step + 1))
+                     (time.time() - start) / (step + 1 - first))
+        done = step + 1
+        if done % checkpoint_every == 0 and done < steps:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)  # --out's folder may not be there yet
+            save_checkpoint(ckpt, {"model": model.state_dict(), "head": head.state_dict(),
+                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": done,
+                                   "torch_rng": torch.get_rng_state(), "options": options})
     path = save_weights(model.eval(), out)
+    for p in (ckpt, previous_checkpoint(ckpt)):  # the weights are whole: nothing is left to resume
+        p.unlink(missing_ok=True)
     log.info("wrote %s (%.1f MB, %.1f min)", path, path.stat().st_size / 1e6, (time.time() - start) / 60)
     return path
 

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import files
 from pipeline.cache import FeatureCache, first_mismatch
 from pipeline.encoder import autocast, default_device
 from pipeline.errors import UserError
-from pipeline.files import check_output_path, write_text_atomic
+from pipeline.files import check_output_path, previous_checkpoint, save_checkpoint, write_text_atomic
 from reranker.data import RERANKER_TEXT_ARRAYS, SplitFeatures, to_device
 from reranker.model import CrossTVR, ModelConfig
 
@@ -105,29 +106,11 @@ def split_signature(feats: SplitFeatures) -> dict:
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic write; the previous checkpoint is kept as <name>.prev as a fallback."""
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    if path.exists():
-        os.replace(path, path.with_suffix(".prev.pt"))
-    os.replace(tmp, path)
-
-
+# save_checkpoint (atomic, the one before kept as .prev.pt) lives in pipeline.files, shared with pretrain-tiny.
 def load_checkpoint(path: Path) -> dict:
-    """Load with weights_only=True; a damaged file falls back to its .prev copy with a clear warning."""
-    for candidate in (path, path.with_suffix(".prev.pt")):
-        if not candidate.exists():
-            continue
-        try:
-            return torch.load(candidate, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - truncated, corrupt or a pickled payload: all refused alike
-            log.warning("%s is damaged or unsafe (%s); refused", candidate, str(e).splitlines()[0][:120])
+    """pipeline.files.load_checkpoint, refusing in the words of a run folder."""
     other = {"best.pt": "evaluate --checkpoint last reads last.pt; ", "last.pt": ""}.get(path.name, "")
-    raise UserError(f"{path}: no loadable checkpoint (missing, damaged or not weights-only); {other}or train again "
-                    "into a new --run")
+    return files.load_checkpoint(path, f"{other}or train again into a new --run")
 
 
 def load_model(run: Path, which: str = "best") -> tuple[CrossTVR, dict]:
@@ -136,7 +119,7 @@ def load_model(run: Path, which: str = "best") -> tuple[CrossTVR, dict]:
     if not (run / "config.json").is_file():
         raise UserError(f"{run}: not a training run (no config.json); pass --run the folder train-reranker wrote")
     path = run / f"{which}.pt"
-    if not path.exists() and not path.with_suffix(".prev.pt").exists():
+    if not path.exists() and not previous_checkpoint(path).exists():
         raise UserError(f"{path}: no checkpoint yet (it is written at the end of the first epoch); wait for the run "
                         "or continue it with train-reranker --resume")
     state = load_checkpoint(path)
@@ -396,7 +379,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
         if cfg.cache and Path(cfg.cache).resolve() != Path(saved["cache"]).resolve():
             raise UserError(f"{run}: the run trains on {saved['cache']}, not {cfg.cache}; drop --cache or start a new --run")
         cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
-    elif (run / "last.pt").exists() or (run / "last.prev.pt").exists():
+    elif (run / "last.pt").exists() or previous_checkpoint(run / "last.pt").exists():
         raise UserError(f"{run}: a run is already there; pass --resume to continue it or another --run")
     cache = FeatureCache(Path(cfg.cache))
     feats = SplitFeatures.open(cache, cfg.split, cfg.allow_partial)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 from pathlib import Path
 
@@ -21,6 +22,22 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     dependencies may live there), plus extra variables."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def interrupt_call(monkeypatch, target: str, n: int) -> None:
+    """The n-th call of `target` ("package.module.function") raises KeyboardInterrupt (a kill or a Ctrl-C) instead of
+    running; the calls before it run as usual."""
+    module_name, name = target.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    original, calls = getattr(module, name), {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupted)
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 12, **options: str) -> Path:

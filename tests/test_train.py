@@ -15,7 +15,7 @@ from pipeline.cache import FeatureCache
 from pipeline.errors import UserError
 from reranker.data import SplitFeatures
 from reranker.train import TrainConfig, load_checkpoint, load_model, save_checkpoint, train
-from tests.conftest import ROOT, make_feature_cache, subprocess_env
+from tests.conftest import ROOT, interrupt_call, make_feature_cache, subprocess_env
 
 
 def _cfg(cache, run, **kw) -> TrainConfig:
@@ -35,17 +35,7 @@ def _log(run):
 
 def _interrupt_step(monkeypatch, n: int) -> None:
     """Training's n-th step raises KeyboardInterrupt (a kill or a Ctrl-C) instead of running."""
-    import reranker.train as T
-
-    original, calls = T._forward, {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(T, "_forward", interrupted)
+    interrupt_call(monkeypatch, "reranker.train._forward", n)
 
 
 def _validation_gives(monkeypatch, scores: list[float]) -> None:
