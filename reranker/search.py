@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from pipeline.errors import UserError
 from pipeline.files import file_sha256
 from reranker.data import SplitFeatures, to_device
 from reranker.train import check_compatible, load_model, video_bank
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,11 @@ def search(cache_path: Path, run: Path, query: str, top: int = 10, top_k: int = 
     feats = SplitFeatures.open(cache, None, allow_partial=True)
     device = default_device()
     model = model.to(device)
-    tokens, lengths, emb = query_encoder(cache).encode_captions([query])
+    encoder = query_encoder(cache)
+    if encoder.tokenize([query])[2][0]:
+        log.warning("the query is longer than the %d tokens the cache keeps of a caption; only its start is searched",
+                    encoder.max_text_tokens)
+    tokens, lengths, emb = encoder.encode_captions([query])
     tokens, emb = tokens.half().float(), emb.half().float()  # as the cache stores a caption's: the same scores
     bank = video_bank(model, feats, device)  # [V, E]
     first = (model.first_stage.encode_text(emb.to(device).float()).cpu() @ bank.T)[0]  # [V], float32 like the bank

@@ -32,8 +32,11 @@ def setup(tiny_dataset, tmp_path):
     return cache, run, weights
 
 
-def test_search_ranks_candidates_first_by_final_score(setup):
+def test_search_ranks_candidates_first_by_final_score(setup, caplog):
     cache, run, _ = setup
+    with caplog.at_level("WARNING"):
+        search(cache, run, "clip number 3 " * 20, top=2)  # 60 words: longer than the 32 tokens kept of a caption
+    assert "the query is longer than the 32 tokens the cache keeps of a caption" in caplog.text
     hits = search(cache, run, "clip number 3 with noise", top=5, top_k=2)
     assert len(hits) == 5 and len({h.video for h in hits}) == 5
     assert [h.final is not None for h in hits] == [True, True, False, False, False]
