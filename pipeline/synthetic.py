@@ -729,6 +729,8 @@ def _sigint_held():
 def _render_all(tasks: list[tuple], workers: int) -> None:
     """Render and encode the tasks' videos; on Ctrl-C (or an error) the pending ones are dropped and the running ones
     stopped at once, their ffmpeg included."""
+    if not tasks:  # a finished set: no empty progress bar
+        return
     progress = functools.partial(tqdm, total=len(tasks), desc="synthetic videos", unit="video")
     if workers == 1:
         with progress() as bar:
