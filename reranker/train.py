@@ -402,12 +402,13 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     if min(cfg.hard_negatives, cfg.neighbour_negatives) < 0 or not 1 <= n_neg < videos:
         raise UserError(f"--hard-negatives {cfg.hard_negatives} + --neighbour-negatives {cfg.neighbour_negatives}: "
                         f"need 1 <= the sum < {videos} videos of '{cfg.split}', neither negative")
-    cfg.batch_size = min(cfg.batch_size, videos)
+    asked, cfg.batch_size = cfg.batch_size, min(cfg.batch_size, videos)
     if anchors_per_step(cfg) < 2 * world:  # each process's InfoNCE needs two of its own
         need = 2 * world * (1 + n_neg)
         fix = (f"pass --batch-size {need} or more" if videos >= need else
                f"'{cfg.split}' has {videos} videos with captions, too few for that: use fewer processes or negatives")
-        raise UserError(f"--batch-size {cfg.batch_size} starts a step from {anchors_per_step(cfg)} captions ({n_neg} "
+        capped = f" (capped at the split's {videos} videos)" if asked > videos else ""
+        raise UserError(f"--batch-size {asked}{capped} starts a step from {anchors_per_step(cfg)} captions ({n_neg} "
                         f"negatives each), fewer than 2 for each of the {world} torchrun processes; {fix}")
 
     torch.manual_seed(cfg.seed)

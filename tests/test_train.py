@@ -333,7 +333,8 @@ def test_torchrun_processes_need_two_anchors_each(cache, tmp_path, monkeypatch):
         train(_cfg(cache, tmp_path / "run"), progress=False)
     # 16 videos cannot give 4 processes 2 anchors with 2 negatives each (24 videos): a bigger batch cannot help
     monkeypatch.setattr(T, "_distributed", lambda device: (0, 4))
-    with pytest.raises(UserError, match=r"--batch-size 16 .*; 'train' has 16 videos with captions, too few for that: "
+    with pytest.raises(UserError, match=r"--batch-size 100 \(capped at the split's 16 videos\) .*; 'train' has 16 "
+                                        r"videos with captions, too few for that: "
                                         r"use fewer processes or negatives"):
         train(_cfg(cache, tmp_path / "run", batch_size=100), progress=False)
 
