@@ -368,8 +368,8 @@ def pretrain_tiny_cmd(out, steps, batch_size, seed, checkpoint_every, resume) ->
                              resume=resume)
     except KeyboardInterrupt:
         again = f"pretrain-tiny --out {shlex.quote(str(out))} --steps {steps} --batch-size {batch_size} --seed {seed}"
-        _interrupted(f"the last checkpoint is {ckpt}; continue with {again} --resume"
-                     if ckpt.exists() or previous_checkpoint(ckpt).exists()
+        kept = next((p for p in (ckpt, previous_checkpoint(ckpt)) if p.exists()), None)
+        _interrupted(f"the last checkpoint is {kept}; continue with {again} --resume" if kept
                      else f"no checkpoint yet (the first comes after {checkpoint_every} steps); run the same "
                           "command to start again")
     click.echo(f"wrote {path}")

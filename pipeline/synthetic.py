@@ -904,9 +904,10 @@ def read_plan(data_root: Path) -> list[PlannedVideo]:
     captions = [(row["video"], row["caption"]) for _, row in read_csv(data_root / "manifest.csv", ("video", "caption"))]
     if [(p.video, p.scene) for p in planned] != [(r["video"], r["scene"]) for r in rows] or \
             [(p.video, c) for p in planned for c in p.captions] != captions:
-        again = f"make-synthetic --out {data_root} --videos {len(rows)} --seed {params['seed']}"
+        again = f"make-synthetic --out NEW_FOLDER --videos {len(rows)} --seed {params['seed']}"
         raise UserError(f"{data_root}: its scenes or captions are not what this version of make-synthetic makes "
-                        f"from its params.json; make the set again ({again}{f' --clutter {clutter}' if clutter else ''})")
+                        f"from its params.json; make the set again in a new folder "
+                        f"({again}{f' --clutter {clutter}' if clutter else ''}) and extract that")
     return planned
 
 

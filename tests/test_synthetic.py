@@ -405,8 +405,8 @@ def test_read_plan_gives_the_sets_captions_and_refuses_another_version(generated
     other = shutil.copytree(generated, tmp_path / "other", ignore=shutil.ignore_patterns("videos"))
     manifest = other / "manifest.csv"
     manifest.write_text(manifest.read_text().replace(planned[0].captions[0], "a made up caption", 1))
-    with pytest.raises(UserError, match=rf"{re.escape(str(other))}: .*make-synthetic --out {re.escape(str(other))} "
-                                        rf"--videos {N_VIDEOS} --seed 0\)"):
+    with pytest.raises(UserError, match=rf"{re.escape(str(other))}: .*make the set again in a new folder "
+                                        rf"\(make-synthetic --out NEW_FOLDER --videos {N_VIDEOS} --seed 0\)"):
         read_plan(other)
     manifest.write_text("video,text\nvideos/v00000.mp4,a red ball\n")  # a header edited by hand
     with pytest.raises(UserError, match=rf"{re.escape(str(manifest))}: missing column 'caption'"):
@@ -608,8 +608,9 @@ def test_adapter_generates_when_missing(generated, tmp_path, monkeypatch):
 
 
 def _no_synthetic_set(root: Path) -> str:
-    return (f"{root}: holds no synthetic set (no manifest.csv and params.json from make-synthetic); pass --dataset "
-            f"msvd|msrvtt|manifest for another dataset, or make one there with make-synthetic --out {root}")
+    return (f"{root}: holds no finished synthetic set (manifest.csv and params.json from make-synthetic); pass "
+            "--dataset msvd|msrvtt|manifest for another dataset, or make a set with make-synthetic --out DIR (a new or "
+            "empty folder, or an unfinished set) and pass that as --data-root")
 
 
 def test_adapter_generates_nothing_outside_the_default_data_root(tmp_path, monkeypatch):

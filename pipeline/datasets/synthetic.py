@@ -29,9 +29,10 @@ def load(data_root: Path, *, videos: int = DEFAULT_VIDEOS) -> list[VideoRecord]:
         return read_manifest(data_root)
     # Anywhere else (a real dataset's folder, a mistyped path) a generated set would only be in the way.
     if state == "other" or data_root.resolve() != default_data_root("synthetic").resolve():
-        raise UserError(f"{data_root}: holds no synthetic set (no manifest.csv and params.json from make-synthetic); "
-                        f"pass --dataset msvd|msrvtt|manifest for another dataset, or make one there with "
-                        f"make-synthetic --out {data_root}")
+        raise UserError(f"{data_root}: holds no finished synthetic set (manifest.csv and params.json from "
+                        "make-synthetic); pass --dataset msvd|msrvtt|manifest for another dataset, or make a set "
+                        "with make-synthetic --out DIR (a new or empty folder, or an unfinished set) and pass that "
+                        "as --data-root")
     if state == "empty":
         log.info("%s: no synthetic set yet; generating the default one (%d videos) there", data_root, videos)
         make_synthetic(data_root, videos=videos)
