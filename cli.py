@@ -74,9 +74,9 @@ def _resolve_cache(cache: Path | None, run: Path | None = None) -> Path:
     if cache is not None:
         return cache
     if run is not None:
-        if not (Path(run) / "config.json").is_file():
-            raise UserError(f"{run}: not a training run (no config.json); pass --run the folder train-reranker wrote")
-        recorded = Path(json.loads((Path(run) / "config.json").read_text())["cache"])
+        from reranker.train import run_config
+
+        recorded = Path(run_config(run)["cache"])
         if not recorded.is_absolute() and not recorded.exists():
             raise UserError(f"{recorded}: the cache {run} was trained on, relative to the folder training ran in, is "
                             "not here; run from that folder or pass --cache")

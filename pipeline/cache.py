@@ -40,7 +40,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from pipeline import __version__
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.files import file_sha256
 from pipeline.records import VideoRecord
 
@@ -94,11 +94,6 @@ class CacheSpec:
             "texts_truncated": int(truncated),
             "code_version": __version__,
         }
-
-
-def first_line(e: BaseException) -> str:
-    """An exception's first line (its type when it has no message), at most 160 characters: for one-line errors."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 def first_mismatch(have: dict, want: dict, keys) -> str | None:

@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import DONE, FeatureCache, first_line
-from pipeline.errors import UserError
+from pipeline.cache import DONE, FeatureCache
+from pipeline.errors import UserError, first_line
 from pipeline.files import check_output_path
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +22,20 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file whole or not at all: a temp file beside it, then a rename over it."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a file whole or not at all: a temp file beside it (one name, so a killed write's is written over next
+    time), then a rename over it."""
     tmp = path.with_name(f".{path.name}.part")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """write_bytes_atomic of UTF-8 text."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def check_output_path(path: Path, option: str, folder: bool) -> None:
@@ -66,15 +72,22 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path, fix: str) -> dict:
-    """Load with weights_only=True; a damaged file falls back to its .prev.pt copy with a clear warning. Neither
-    loadable: one line naming `path`, ending with `fix` (what the caller's user can do)."""
+    """Load with weights_only=True; a damaged file falls back to its .prev.pt copy with a clear warning, and is moved
+    aside to <name>.damaged.pt, so that the next save keeps the good copy as .prev.pt instead of rotating the damaged
+    one over it. Neither loadable: one line naming `path`, ending with `fix` (what the caller's user can do)."""
     import torch
 
+    refused = None
     for candidate in (path, previous_checkpoint(path)):
         if not candidate.exists():
             continue
         try:
-            return torch.load(candidate, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - truncated, corrupt or a pickled payload: all refused alike
-            log.warning("%s is damaged or unsafe (%s); refused", candidate, str(e).splitlines()[0][:120])
+            state = torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated, empty, corrupt or a pickled payload: all refused alike
+            log.warning("%s is damaged or unsafe (%s); refused", candidate, first_line(e)[:120])
+            refused = refused or candidate
+            continue
+        if refused == path:
+            os.replace(path, path.with_suffix(".damaged.pt"))
+        return state
     raise UserError(f"{path}: no loadable checkpoint (missing, damaged or not weights-only); {fix}")

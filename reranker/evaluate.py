@@ -163,10 +163,29 @@ class EvalConfig:
     checkpoint: str = "best"  # of the run: 'best' (best.pt) or 'last' (last.pt)
 
 
+SIMS = ("first_stage_sims.npy", "text_to_video.npy", "two_stage_sims.npy", "two_stage_v2t_sims.npy")
+
+
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.partial.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.partial.npy")  # one name: a killed write's is written over next time
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_sims(folder: Path, ev, truth: np.ndarray) -> None:
+    """The score matrices into folder. The set a previous evaluation left there goes first, so a kill midway
+    leaves some of these matrices missing, never matrices of two evaluations side by side."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SIMS:
+        (folder / name).unlink(missing_ok=True)
+    arrays = [ev.first.astype(np.float32), truth.astype(np.int64)]
+    if ev.two_stage_t2v is not None:
+        arrays += [ev.two_stage_t2v, ev.two_stage_v2t]
+    for name, array in zip(SIMS, arrays):
+        _atomic_save(folder / name, array)
 
 
 def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
@@ -192,23 +211,17 @@ def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
         log.info("--top-k %d > %d videos in '%s': reranking all %d", cfg.top_k, feats.n_videos, cfg.split,
                  feats.n_videos)
     ev = _evaluate(model, feats, cfg.top_k, default_device(), cfg.zero_shot)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ev.results["cache"] = str(cache.path)  # which features these metrics are of
-    if not cfg.zero_shot:
-        ev.results["checkpoint"] = f"{cfg.checkpoint}.pt"
-    write_text_atomic(out, json.dumps(ev.results, indent=2))
     truth = feats.text_video
+    if cfg.save_sims:
+        _save_sims(Path(cfg.save_sims), ev, truth)
+    out.parent.mkdir(parents=True, exist_ok=True)
     curves = {"first stage t2v": M.t2v_ranks(ev.first, truth)}
     if ev.two_stage_t2v is not None:
         curves["two-stage t2v"] = M.t2v_ranks(ev.two_stage_t2v, truth)
     plot = out.with_suffix(".png")
     M.recall_curve_png(curves, plot, f"{cache.attrs['dataset']} {cfg.split}: recall@K")
-    if cfg.save_sims:
-        d = Path(cfg.save_sims)
-        d.mkdir(parents=True, exist_ok=True)
-        _atomic_save(d / "first_stage_sims.npy", ev.first.astype(np.float32))
-        _atomic_save(d / "text_to_video.npy", truth.astype(np.int64))
-        if ev.two_stage_t2v is not None:
-            _atomic_save(d / "two_stage_sims.npy", ev.two_stage_t2v)
-            _atomic_save(d / "two_stage_v2t_sims.npy", ev.two_stage_v2t)
+    ev.results["cache"] = str(cache.path)  # which features these metrics are of
+    if not cfg.zero_shot:
+        ev.results["checkpoint"] = f"{cfg.checkpoint}.pt"
+    write_text_atomic(out, json.dumps(ev.results, indent=2))  # last: a report is there only when all it names is
     return ev.results, {"json": str(out), "plot": str(plot), "seconds": ev.seconds}

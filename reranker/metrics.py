@@ -15,13 +15,14 @@ Conventions, shared by every function here:
 
 from __future__ import annotations
 
+import io
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -284,14 +285,9 @@ def recall_curve_png(curves: dict[str, np.ndarray], path: Path, title: str) -> N
         ax.legend(loc="lower right")
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    write_bytes_atomic(path, png.getvalue())
 
 
 def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline import files
 from pipeline.cache import FeatureCache, first_mismatch
 from pipeline.encoder import autocast, default_device
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.files import check_output_path, previous_checkpoint, save_checkpoint, write_text_atomic
 from reranker.data import RERANKER_TEXT_ARRAYS, SplitFeatures, to_device
 from reranker.model import CrossTVR, ModelConfig
@@ -113,15 +113,28 @@ def load_checkpoint(path: Path) -> dict:
     return files.load_checkpoint(path, f"{other}or train again into a new --run")
 
 
+def run_config(run: Path) -> dict:
+    """A run folder's config.json, refused in one line when it is missing or damaged."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run}: not a training run (no config.json); pass --run the folder train-reranker wrote")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["cache"]
+    except (ValueError, KeyError, TypeError) as e:  # torn or edited by hand: the run cannot be read
+        raise UserError(f"{path}: damaged ({first_line(e)}); restore it, or train again into a new --run") from None
+    return config
+
+
 def load_model(run: Path, which: str = "best") -> tuple[CrossTVR, dict]:
     """A trained model from a run folder (best.pt or last.pt) and its run config."""
     run = Path(run)
-    if not (run / "config.json").is_file():
-        raise UserError(f"{run}: not a training run (no config.json); pass --run the folder train-reranker wrote")
+    run_config(run)
     path = run / f"{which}.pt"
     if not path.exists() and not previous_checkpoint(path).exists():
-        raise UserError(f"{path}: no checkpoint yet (it is written at the end of the first epoch); wait for the run "
-                        "or continue it with train-reranker --resume")
+        when = "at the end of the first epoch" if which == "best" else "every --checkpoint-every steps"
+        raise UserError(f"{path}: no checkpoint yet (it is written {when}); wait for the run, or continue it with "
+                        "train-reranker --resume once it has one")
     state = load_checkpoint(path)
     try:
         model = CrossTVR(ModelConfig(**state["model_config"]))
@@ -374,7 +387,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     if resume:
         if not (run / "config.json").is_file():
             raise UserError(f"{run}: nothing to resume (no config.json); start it without --resume")
-        saved = json.loads((run / "config.json").read_text())
+        if not (run / "last.pt").exists() and not previous_checkpoint(run / "last.pt").exists():
+            raise UserError(f"{run}: nothing to resume yet (killed before its first checkpoint); run the same command "
+                            "without --resume to start it again")
+        saved = run_config(run)
         saved.setdefault("batch_negatives", 0)  # a run started before the option trained without them
         if cfg.cache and Path(cfg.cache).resolve() != Path(saved["cache"]).resolve():
             raise UserError(f"{run}: the run trains on {saved['cache']}, not {cfg.cache}; drop --cache or start a new --run")

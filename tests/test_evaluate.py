@@ -253,6 +253,30 @@ def test_cli_refuses_bad_paths_in_one_line_before_the_work(trained, tmp_path, mo
     assert nowhere.exit_code == 2 and "nope: not a training run (no config.json)" in nowhere.output, nowhere.output
 
 
+def test_a_stopped_save_sims_leaves_no_mixed_set_and_no_report(trained, tmp_path, monkeypatch):
+    import reranker.evaluate
+
+    _, cache, run = trained
+    sims, out = tmp_path / "sims", tmp_path / "m.json"
+    run_evaluate(EvalConfig(cache=cache, run=run, top_k=4, out=out, save_sims=sims))
+    before = {p.name: p.read_bytes() for p in sims.iterdir()}
+    assert sorted(before) == sorted(reranker.evaluate.SIMS)
+    out.unlink()
+    saved, original = [], reranker.evaluate._atomic_save
+
+    def killed_at_the_second(path, array):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(path.name)
+        original(path, array)
+
+    monkeypatch.setattr(reranker.evaluate, "_atomic_save", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluate(EvalConfig(cache=cache, run=run, top_k=3, out=out, save_sims=sims))
+    # the first matrix of the new set, none of the old set beside it, no temp file, and no report claiming them
+    assert sorted(p.name for p in sims.iterdir()) == ["first_stage_sims.npy"] and not out.exists()
+
+
 def test_a_run_names_its_relative_cache_from_another_folder(trained, tmp_path, monkeypatch):
     _, cache, run = trained
     moved = tmp_path / "run"

@@ -145,13 +145,32 @@ def test_one_seed_gives_the_same_weights_on_two_threads(tmp_path, monkeypatch):
             torch.testing.assert_close(weights[k], first[k], rtol=0, atol=0, msg=k)
 
 
-def test_damaged_checkpoint_falls_back_to_previous(tmp_path, caplog):
+@pytest.mark.parametrize("damage", [lambda b: b[:20], lambda b: b""], ids=["truncated", "empty"])
+def test_damaged_checkpoint_falls_back_to_previous(tmp_path, caplog, damage):
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"step": 1})
     save_checkpoint(path, {"step": 2})
-    path.write_bytes(path.read_bytes()[:20])  # truncated
+    path.write_bytes(damage(path.read_bytes()))  # an empty one was an IndexError traceback
     assert load_checkpoint(path)["step"] == 1
     assert "damaged" in caplog.text
+    # moved aside: the next save keeps the good step 1 as last.prev.pt, not the damaged file (a kill right after
+    # that save left a run that could neither resume nor start again)
+    assert not path.exists() and (tmp_path / "last.damaged.pt").exists()
+    save_checkpoint(path, {"step": 3})
+    assert load_checkpoint(tmp_path / "last.prev.pt")["step"] == 1
+
+
+def test_a_torn_config_or_a_resume_before_the_first_checkpoint_is_one_line(cache, tmp_path):
+    run = train(_cfg(cache, tmp_path / "run"), progress=False)
+    (run / "config.json").write_text('{"cache": ')
+    for call in (lambda: load_model(run), lambda: train(TrainConfig(run=str(run)), resume=True, progress=False)):
+        with pytest.raises(UserError, match=r"config.json: damaged \(.*\); restore it, or train again into a new"):
+            call()
+    fresh = tmp_path / "fresh"  # killed before its first checkpoint: a config.json and no last.pt
+    fresh.mkdir()
+    (fresh / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="nothing to resume yet .*; run the same command without --resume"):
+        train(TrainConfig(run=str(fresh)), resume=True, progress=False)
 
 
 def test_checkpoint_with_pickled_payload_is_refused(tmp_path):
