@@ -153,10 +153,13 @@ def _load_model(model_name: str, pretrained: str | None):
             if "TorchScript" in str(e):
                 raise UserError(f"{pretrained}: a TorchScript archive (OpenAI's original CLIP files are), which is not "
                                 "read here; convert it to a state dict first (README: With a real CLIP)") from None
-            # a checkpoint of another architecture: the first key that does not fit says which
-            detail = next((ln.strip() for ln in lines[1:] if "size mismatch" in ln or "Missing key" in ln), "")
+            # a checkpoint of another architecture: the first key that does not fit says which (open_clip may stop
+            # before comparing them, e.g. resizing position embeddings, with an error that says nothing of it)
+            detail = next((ln.strip() for ln in lines[1:] if "size mismatch" in ln or "Missing key" in ln), "") \
+                or _first_misfit(model_name, Path(pretrained))
             reason = type(e).__name__ + (f": {reason}" if reason != type(e).__name__ else "")
-            reason += f" {detail[:120]}{'...' if len(detail) > 120 else ''}" if detail else ""
+            sep = " " if reason.endswith(":") else "; "  # "...state_dict for CLIP:" runs on into its key
+            reason += f"{sep}{detail[:120]}{'...' if len(detail) > 120 else ''}" if detail else ""
             raise UserError(f"{pretrained}: not a checkpoint open_clip can load for {model_name} ({reason}); "
                             "pass a .pt/.safetensors checkpoint of that model or a --pretrained tag") from None
         raise UserError(
@@ -164,6 +167,32 @@ def _load_model(model_name: str, pretrained: str | None):
             f"pass a local checkpoint: --pretrained /path/to/{model_name}.safetensors (or .bin/.pt)"
         ) from None
     return model
+
+
+def _first_misfit(model_name: str, path: Path) -> str:
+    """The first tensor of model_name that the checkpoint at path lacks or holds in another shape ("" if none, or if
+    the file cannot be read as a state dict): what a checkpoint of another model gets wrong."""
+    import open_clip
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else {}
+            shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    except Exception:  # noqa: BLE001 - not a state dict: the loader's own words stand
+        return ""
+    shapes = {k.removeprefix("module."): v for k, v in shapes.items()}
+    for key, tensor in open_clip.create_model(model_name).state_dict().items():
+        if key not in shapes:
+            return f"Missing key {key}"
+        if shapes[key] != tuple(tensor.shape):
+            return f"size mismatch for {key}: {list(shapes[key])} in the checkpoint, {list(tensor.shape)} in the model"
+    return ""
 
 
 class FrozenEncoder:

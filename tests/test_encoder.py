@@ -19,6 +19,7 @@ from pipeline.encoder import (
     default_device,
     file_sha256,
     resolve_text_layer,
+    shipped_weights,
 )
 from pipeline.errors import UserError
 
@@ -215,6 +216,11 @@ def test_a_checkpoint_of_another_model_or_in_torchscript_says_so(tmp_path, recwa
     with pytest.raises(UserError, match=r"not a checkpoint open_clip can load for CrossTVR-Tiny \(RuntimeError: .*"
                                         r"Missing key\(s\) in state_dict: .*\.\.\.\); pass a \.pt"):
         FrozenEncoder(DEFAULT_MODEL, pretrained=str(other), device=torch.device("cpu"))
+    # the shipped tiny weights for ViT-B-32: open_clip fails resizing position embeddings ("not implemented for
+    # 'Half'") before it compares any shape; the first tensor that does not fit is named instead
+    with pytest.raises(UserError, match=r"for ViT-B-32-quickgelu \(NotImplementedError: .* size mismatch for "
+                                        r"\S+: \[\d+(, \d+)*\] in the checkpoint, \[\d+(, \d+)*\] in the model"):
+        FrozenEncoder("ViT-B-32-quickgelu", pretrained=str(shipped_weights(DEFAULT_MODEL)), device=torch.device("cpu"))
     scripted = tmp_path / "ViT-B-32.pt"  # as OpenAI's own files are: a TorchScript archive
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), scripted)
     recwarn.clear()
