@@ -332,6 +332,16 @@ def _average_gradients(model: torch.nn.Module, share: float) -> None:
         g.copy_(mean.view_as(g))
 
 
+def _average_scalars(values: dict[str, float], share: float, device: torch.device) -> dict[str, float]:
+    """A step's logged figures (loss, stats) as their mean over every process's anchors, weighted as the gradients
+    are: each process's figures are over its own share of the step."""
+    import torch.distributed as dist
+
+    flat = torch.tensor(list(values.values()), dtype=torch.float64, device=device) * share
+    dist.all_reduce(flat)
+    return dict(zip(values, flat.tolist()))
+
+
 def _drop_log_after(path: Path, step: int) -> None:
     """Keep the log lines of steps up to `step`, the checkpoint a resume starts from: the steps after it run
     again and are logged again (a line cut short by the kill goes too)."""
@@ -525,16 +535,19 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
             loss, stats = _forward(model, batch, device, cfg.batch_negatives)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:
-            _average_gradients(model, share_of(step))
+        share = share_of(step) if world > 1 else 1.0
+        logged = {"loss": loss.item(), **stats}
+        if world > 1:  # the step's gradient and figures over every process's anchors, not this process's share
+            _average_gradients(model, share)
+            logged = _average_scalars(logged, share, device)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
-        samples += len(vids)
+        samples += round(len(vids) / share)
         rate = samples / max(time.time() - t0, 1e-9)
-        logf.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(), **stats,
-                               "lr": cfg.lr * factor, "samples_per_s": rate}) + "\n")
-        bar.set_postfix(loss=f"{loss.item():.3f}", spread=f"{stats['logit_spread']:.3f}", sps=f"{rate:.0f}")
+        logf.write(json.dumps({"step": step, "epoch": epoch, **logged, "lr": cfg.lr * factor,
+                               "samples_per_s": rate}) + "\n")
+        bar.set_postfix(loss=f"{logged['loss']:.3f}", spread=f"{logged['logit_spread']:.3f}", sps=f"{rate:.0f}")
         bar.update(1)
         if step % steps_per_epoch == 0 and rank == 0:
             results = evaluate_split(model, val, min(cfg.top_k, val.n_videos), device, v2t=False) if val else {}

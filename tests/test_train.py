@@ -488,7 +488,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_to_start_again(tmp_path, monkey
 def test_gradient_averaging_puts_each_mean_back_in_its_own_gradient(tmp_path):
     import torch.distributed as dist
 
-    from reranker.train import _average_gradients
+    from reranker.train import _average_gradients, _average_scalars
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), torch.nn.Linear(2, 5))
@@ -501,10 +501,12 @@ def test_gradient_averaging_puts_each_mean_back_in_its_own_gradient(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         _average_gradients(model, share=3 / 5)
+        logged = _average_scalars({"loss": 2.5, "logit_spread": 0.5}, 3 / 5, torch.device("cpu"))  # likewise
     finally:
         dist.destroy_process_group()
     for p, g in zip(model.parameters(), before, strict=True):
         assert (p.grad is None) if g is None else torch.equal(p.grad, g * (3 / 5))
+    assert logged == pytest.approx({"loss": 1.5, "logit_spread": 0.3}, rel=1e-12)
 
 
 def test_resume_refuses_another_process_count(cache, tmp_path, monkeypatch):
