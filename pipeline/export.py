@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from pipeline.cache import DONE, FeatureCache
 from pipeline.errors import UserError, first_line
-from pipeline.files import check_output_path
+from pipeline.files import check_output_path, written_atomically
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +45,17 @@ def export_h5(cache: FeatureCache, out: Path, progress: bool = True) -> Path:
     if unfinished:
         log.warning("%s: %d of %d videos are not extracted (pending or failed): their rows are zeros in %s; "
                     "video_status there says which", cache.path, unfinished, cache.n_videos, out)
-    tmp = out.with_name(f".{out.name}.partial")
     try:
-        with h5py.File(tmp, "w") as h5:
+        with written_atomically(out, ".{}.partial") as tmp, h5py.File(tmp, "w") as h5:
             h5.attrs.update({k: (str(v) if v is None or isinstance(v, (dict, list)) else v)
                              for k, v in cache.attrs.items()})
             for name in tqdm(names, desc="export", unit="array", disable=not progress):
                 _copy_array(cache, name, h5)
-        os.replace(tmp, out)
     except OSError as e:
         # HDF5 puts the system's error number in its own long message
         code = e.errno or next((int(n) for n in re.findall(r"errno = (\d+)", str(e))), None)
         raise UserError(f"{out}: could not write it ({os.strerror(code) if code else first_line(e)}); free space or "
                         "pass --out a file on another disk") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

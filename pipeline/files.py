@@ -3,10 +3,12 @@ pretrain-tiny's checkpoints)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 from pipeline.errors import UserError, first_line
 
@@ -22,15 +24,23 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a file whole or not at all: a temp file beside it (one name, so a killed write's is written over next
-    time), then a rename over it."""
-    tmp = path.with_name(f".{path.name}.part")
+@contextlib.contextmanager
+def written_atomically(path: Path, tmp_name: str = ".{}.part") -> Iterator[Path]:
+    """A file written whole or not at all: the block writes the temp path it is given (beside `path`, named by
+    tmp_name from path's name: one name, so a killed write's is written over next time), which is renamed over
+    `path` when the block ends without an error and removed otherwise."""
+    tmp = path.with_name(tmp_name.format(path.name))
     try:
-        tmp.write_bytes(data)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a file whole or not at all (written_atomically)."""
+    with written_atomically(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -59,16 +69,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
     import time: most users of this module never touch a checkpoint."""
     import torch
 
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with written_atomically(path, ".{}.partial") as tmp:
         torch.save(state, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if path.exists():
             os.replace(path, previous_checkpoint(path))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path, fix: str) -> dict:

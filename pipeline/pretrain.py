@@ -30,7 +30,7 @@ from tqdm import tqdm
 from pipeline.encoder import DEFAULT_MODEL, WEIGHTS_DIR, register_model_configs
 from pipeline.errors import UserError
 from pipeline.files import (check_output_path, file_sha256, load_checkpoint, previous_checkpoint, save_checkpoint,
-                            write_text_atomic)
+                            write_text_atomic, written_atomically)
 from pipeline.synthetic import BACKGROUND, COLOURS, SHAPES, Scene, frame_captions, render_frame, sample_frame_scene
 
 log = logging.getLogger(__name__)
@@ -132,21 +132,17 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -
 
 
 def save_weights(model: torch.nn.Module, out: Path) -> Path:
-    """fp16 safetensors written atomically (tmp + os.replace), with a `<file>.sha256` sidecar."""
+    """fp16 safetensors written atomically (written_atomically), with a `<file>.sha256` sidecar."""
     from safetensors.torch import save_file
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    tmp = out.with_name(out.name + ".tmp")
-    try:
+    with written_atomically(out, "{}.tmp") as tmp:
         # One metadata key: safetensors writes the map in a random order, so with two ("model" too) the same weights
         # made files with other bytes half of the time, and a resumed run could not be checked against its twin.
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.chmod(tmp, 0o644)  # safetensors creates files private to the user; these weights ship
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     digest = file_sha256(out)
     sidecar = out.with_name(out.name + ".sha256")
     write_text_atomic(sidecar, f"{digest}  {out.name}\n")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from pipeline.cache import FeatureCache
 from pipeline.encoder import autocast, default_device
 from pipeline.errors import UserError
-from pipeline.files import check_output_path, write_text_atomic
+from pipeline.files import check_output_path, write_text_atomic, written_atomically
 from reranker import metrics as M
 from reranker.data import RERANKER_TEXT_ARRAYS, SplitFeatures, to_device
 from reranker.model import CrossTVR, EncodedFrames
@@ -167,12 +166,8 @@ SIMS = ("first_stage_sims.npy", "text_to_video.npy", "two_stage_sims.npy", "two_
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.partial.npy")  # one name: a killed write's is written over next time
-    try:
+    with written_atomically(path, ".{}.partial.npy") as tmp:  # np.save would add .npy to another name
         np.save(tmp, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _save_sims(folder: Path, ev, truth: np.ndarray) -> None:
