@@ -358,7 +358,7 @@ def pretrain_tiny_cmd(out, steps, batch_size, seed, checkpoint_every, resume) ->
     """Pretrain the CrossTVR-Tiny CLIP from scratch on rendered synthetic frames (CPU; see docs/pretrain.md)."""
     import shlex
 
-    from pipeline.files import previous_checkpoint
+    from pipeline.files import kept_checkpoint
     from pipeline.pretrain import DEFAULT_WEIGHTS, checkpoint_path, pretrain_tiny
 
     out = out or DEFAULT_WEIGHTS  # beside pipeline/encoder.py, where the encoder looks for it, whatever the folder
@@ -368,7 +368,7 @@ def pretrain_tiny_cmd(out, steps, batch_size, seed, checkpoint_every, resume) ->
                              resume=resume)
     except KeyboardInterrupt:
         again = f"pretrain-tiny --out {shlex.quote(str(out))} --steps {steps} --batch-size {batch_size} --seed {seed}"
-        kept = next((p for p in (ckpt, previous_checkpoint(ckpt)) if p.exists()), None)
+        kept = kept_checkpoint(ckpt)
         _interrupted(f"the last checkpoint is {kept}; continue with {again} --resume" if kept
                      else f"no checkpoint yet (the first comes after {checkpoint_every} steps); run the same "
                           "command to start again")

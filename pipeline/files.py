@@ -64,6 +64,12 @@ def previous_checkpoint(path: Path) -> Path:
     return path.with_suffix(".prev.pt")
 
 
+def kept_checkpoint(path: Path) -> Path | None:
+    """The copy of the checkpoint at `path` that is on disk, as load_checkpoint tries them: `path`, else the one
+    before it; None when neither is (nothing to resume or load yet)."""
+    return next((p for p in (path, previous_checkpoint(path)) if p.exists()), None)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic write; the previous checkpoint is kept as <name>.prev.pt as a fallback. torch is imported here, not at
     import time: most users of this module never touch a checkpoint."""

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from pipeline.encoder import DEFAULT_MODEL, WEIGHTS_DIR, register_model_configs
 from pipeline.errors import UserError
-from pipeline.files import (check_output_path, file_sha256, load_checkpoint, previous_checkpoint, save_checkpoint,
-                            write_text_atomic, written_atomically)
+from pipeline.files import (check_output_path, file_sha256, kept_checkpoint, load_checkpoint, previous_checkpoint,
+                            save_checkpoint, write_text_atomic, written_atomically)
 from pipeline.synthetic import BACKGROUND, COLOURS, SHAPES, Scene, frame_captions, render_frame, sample_frame_scene
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ _FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "seed": "--seed"}
 def _resume_state(ckpt: Path, resume: bool, options: dict) -> dict | None:
     """The checkpoint to continue from (None: start afresh), or one line saying why not. Read before the model is
     built, so that a refusal costs nothing."""
-    found = next((p for p in (ckpt, previous_checkpoint(ckpt)) if p.exists()), None)
+    found = kept_checkpoint(ckpt)
     if not resume:
         if found is not None:
             raise UserError(f"{found}: an unfinished pretraining's checkpoint is there; pass --resume to continue it, "

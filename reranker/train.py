@@ -22,7 +22,7 @@ from pipeline import files
 from pipeline.cache import FeatureCache, first_mismatch
 from pipeline.encoder import autocast, default_device
 from pipeline.errors import UserError, first_line
-from pipeline.files import check_output_path, previous_checkpoint, save_checkpoint, write_text_atomic
+from pipeline.files import check_output_path, kept_checkpoint, save_checkpoint, write_text_atomic
 from reranker.data import RERANKER_TEXT_ARRAYS, SplitFeatures, to_device
 from reranker.model import CrossTVR, ModelConfig
 
@@ -131,7 +131,7 @@ def load_model(run: Path, which: str = "best") -> tuple[CrossTVR, dict]:
     run = Path(run)
     run_config(run)
     path = run / f"{which}.pt"
-    if not path.exists() and not previous_checkpoint(path).exists():
+    if kept_checkpoint(path) is None:
         when = "at the end of the first epoch" if which == "best" else "every --checkpoint-every steps"
         raise UserError(f"{path}: no checkpoint yet (it is written {when}); wait for the run, or continue it with "
                         "train-reranker --resume once it has one")
@@ -397,7 +397,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     if resume:
         if not (run / "config.json").is_file():
             raise UserError(f"{run}: nothing to resume (no config.json); start it without --resume")
-        if not (run / "last.pt").exists() and not previous_checkpoint(run / "last.pt").exists():
+        if kept_checkpoint(run / "last.pt") is None:
             raise UserError(f"{run}: nothing to resume yet (killed before its first checkpoint); run the same command "
                             "without --resume to start it again")
         saved = run_config(run)
@@ -405,7 +405,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
         if cfg.cache and Path(cfg.cache).resolve() != Path(saved["cache"]).resolve():
             raise UserError(f"{run}: the run trains on {saved['cache']}, not {cfg.cache}; drop --cache or start a new --run")
         cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
-    elif (run / "last.pt").exists() or previous_checkpoint(run / "last.pt").exists():
+    elif kept_checkpoint(run / "last.pt") is not None:
         raise UserError(f"{run}: a run is already there; pass --resume to continue it or another --run")
     cache = FeatureCache(Path(cfg.cache))
     feats = SplitFeatures.open(cache, cfg.split, cfg.allow_partial)
