@@ -33,11 +33,13 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
+            _close_progress_bars()
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except OSError as e:
             if e.filename is None:  # not about a path the user gave: a bug to see whole
                 raise
+            _close_progress_bars()
             click.echo(f"error: {e.filename}: {e.strerror}; check that path (an existing folder where one is needed, "
                        "not a file), its permissions and the disk", err=True)
             sys.exit(2)
@@ -45,6 +47,15 @@ def _friendly(fn):
             _interrupted("stopped before it finished; what it writes is written whole or not at all")
 
     return wrapper
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars an error left open (each prints where it stopped and ends its line), so that the
+    error's line starts a line of its own rather than run on from the bar's."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):  # tqdm's registry of the bars still open
+        bar.close()
 
 
 def _interrupted(what: str) -> NoReturn:

@@ -19,9 +19,11 @@ import ffmpeg
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tqdm import tqdm
 
 import cli
 from pipeline.cache import DONE, FeatureCache
+from pipeline.errors import UserError
 from pipeline.ffmpeg import ffmpeg_exe
 from tests.conftest import make_feature_cache, noise_frames, write_video
 
@@ -176,3 +178,17 @@ def test_a_refused_path_or_a_ctrl_c_in_any_command_is_one_line(tmp_path, monkeyp
     result = CliRunner().invoke(cli.main, ["export-h5", "--cache", str(cache), "--out", str(tmp_path / "x.h5")])
     assert result.exit_code == code and says in result.output and "Traceback" not in result.output, result.output
     assert result.output.strip().count("\n") == 0
+
+
+def test_an_error_after_an_unfinished_progress_bar_starts_its_own_line(tmp_path, monkeypatch):
+    def export(*args):
+        bar = tqdm(total=10, desc="export", file=sys.stderr)
+        bar.update(3)
+        raise UserError("x.h5: the disk is full; free some space")
+
+    cache = make_feature_cache(tmp_path / "c.zarr", {"test": 2})
+    monkeypatch.setattr("pipeline.export.export_h5", export)
+    result = CliRunner().invoke(cli.main, ["export-h5", "--cache", str(cache), "--out", str(tmp_path / "x.h5")])
+    assert result.exit_code == 2, result.output
+    lines = result.output.replace("\r", "\n").splitlines()
+    assert "export:  30%" in result.output and lines[-1] == "error: x.h5: the disk is full; free some space", lines
