@@ -782,8 +782,8 @@ OPTIONS = {"format": "format", "videos": "--videos", "seed": "--seed", "size": "
            "fps": "fps", "clutter": "--clutter"}  # params.json's keys as make-synthetic's options (frames follow)
 
 
-def _recorded(out: Path) -> dict | None:
-    """The params out/ was made with (None: no set), with what older versions left out filled in where known."""
+def recorded_params(out: Path) -> dict | None:
+    """The params out/ was made with (None: no params.json), with what older versions left out filled in where known."""
     path = out / "params.json"
     if not path.is_file():
         return None
@@ -802,7 +802,7 @@ def _prepare(out: Path, params: dict, planned: Sequence[str], overwrite: bool) -
         what = "holds files but no params.json, so it is not a synthetic set made by make-synthetic" if out.is_dir() \
             else "is a file, not a folder"
         raise UserError(f"{out}: {what}; choose another --out (a new or empty folder)")
-    old, new = _recorded(out), {"clutter": 0, **params}
+    old, new = recorded_params(out), {"clutter": 0, **params}
     differ = [k for k in OPTIONS if old is not None and old.get(k, new[k]) != new[k]]
     if differ and not overwrite:  # re-rendering it would leave every cache extracted from it stale
         made = " ".join(f"{OPTIONS[k]} {old[k]}" for k in differ)
@@ -898,8 +898,11 @@ def read_plan(data_root: Path) -> list[PlannedVideo]:
     deterministic); refused when they are not the set's own scenes and captions (a set made by another version)."""
     data_root = Path(data_root)
     rows = read_scenes(data_root)
-    params = json.loads((data_root / "params.json").read_text(encoding="utf-8"))
-    clutter = params.get("clutter", 0)
+    params = recorded_params(data_root)
+    if params is None:
+        raise UserError(f"{data_root}: has no params.json, so it is not a set made by make-synthetic; generate the "
+                        f"set with make-synthetic --out {data_root}")
+    clutter = params["clutter"]
     planned = plan(len(rows), params["seed"], clutter)
     captions = [(row["video"], row["caption"]) for _, row in read_csv(data_root / "manifest.csv", ("video", "caption"))]
     if [(p.video, p.scene) for p in planned] != [(r["video"], r["scene"]) for r in rows] or \

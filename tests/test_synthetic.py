@@ -411,6 +411,9 @@ def test_read_plan_gives_the_sets_captions_and_refuses_another_version(generated
     manifest.write_text("video,text\nvideos/v00000.mp4,a red ball\n")  # a header edited by hand
     with pytest.raises(UserError, match=rf"{re.escape(str(manifest))}: missing column 'caption'"):
         read_plan(other)
+    (other / "params.json").unlink()
+    with pytest.raises(UserError, match=rf"{re.escape(str(other))}: has no params.json, .*make-synthetic --out"):
+        read_plan(other)
 
 
 def test_scenes_jsonl_records_twins(generated):

@@ -3,7 +3,6 @@ generated on first use into the default data root only."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from pipeline.datasets import default_data_root, register
 from pipeline.datasets.manifest import read_manifest
 from pipeline.errors import UserError
 from pipeline.records import VideoRecord
-from pipeline.synthetic import make_synthetic, set_state
+from pipeline.synthetic import make_synthetic, recorded_params, set_state
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ def load(data_root: Path, *, videos: int = DEFAULT_VIDEOS) -> list[VideoRecord]:
         log.info("%s: no synthetic set yet; generating the default one (%d videos) there", data_root, videos)
         make_synthetic(data_root, videos=videos)
     else:  # a killed generation: go on with its own parameters
-        params = json.loads((data_root / "params.json").read_text(encoding="utf-8"))
+        params = recorded_params(data_root)
         log.info("%s: finishing the synthetic set a killed run left unfinished", data_root)
         make_synthetic(data_root, **{"videos": videos, **{k: params[k] for k in RESUMED if k in params}})
     return read_manifest(data_root)
