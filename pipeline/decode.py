@@ -5,6 +5,8 @@ from __future__ import annotations
 import bisect
 import logging
 import re
+import signal
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,10 +83,7 @@ def _demux(path: Path, decode: bool = False) -> Timeline:
         )
     else:
         stream = ffmpeg.input(str(path)).output("-", map=f"0:{VIDEO_STREAM}", c="copy", f="framecrc")
-    try:
-        out, err = stream.run(cmd=exe, capture_stdout=True, capture_stderr=True)
-    except ffmpeg.Error as e:
-        raise DecodeError(_reason(e.stderr)) from None
+    out, err = _run(stream, exe)
     video = _VIDEO_LINE.search(err.decode("utf-8", "replace"))
     hdr = bool(video) and any(transfer in video[1] for transfer in _HDR)
     packets = [(int(m[1]), int(m[2]), int(m[3])) for m in map(_PACKET.match, out.splitlines())
@@ -177,13 +176,30 @@ def _select_frames(path: Path, indices: list[int], size: int, hdr: bool = False)
         .filter("crop", size, size)
         .output("pipe:", format="rawvideo", pix_fmt="rgb24", an=None, sn=None, **passthrough_option(exe))
     )
-    try:
-        out, _ = stream.run(cmd=exe, capture_stdout=True, capture_stderr=True)
-    except ffmpeg.Error as e:
-        raise DecodeError(_reason(e.stderr)) from None
+    out, _ = _run(stream, exe)
     frame_bytes = size * size * 3
     n_got = len(out) // frame_bytes
     return np.frombuffer(out[: n_got * frame_bytes], dtype=np.uint8).reshape(n_got, size, size, 3)
+
+
+def _run(stream, exe: str) -> tuple[bytes, bytes]:
+    """ffmpeg's stdout and stderr for this ffmpeg-python stream; DecodeError with its reason when it fails.
+
+    An ffmpeg killed by a signal (a crash: SIGSEGV, SIGILL from a build for another CPU, SIGABRT; or SIGKILL, the
+    kernel's out-of-memory killer) says so: its stderr ends with the version banner, which is no reason.
+    """
+    proc = subprocess.run(stream.compile(cmd=exe), capture_output=True)
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        what = "crashed" if name in ("SIGSEGV", "SIGILL", "SIGABRT", "SIGBUS", "SIGFPE") else "was killed"
+        raise DecodeError(f"ffmpeg {what} ({name}) on this file; the ffmpeg used is {exe} (one on PATH comes "
+                          "first): try another ffmpeg build")
+    if proc.returncode:
+        raise DecodeError(_reason(proc.stderr))
+    return proc.stdout, proc.stderr
 
 
 def _reason(stderr: bytes | None) -> str:

@@ -256,3 +256,19 @@ def test_truncated_video_decodes_what_is_there(tmp_path):
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(DecodeError):  # mp4 with its index cut off: moov atom missing
         decode_video(cut, 4, 16)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a shell script stands in for ffmpeg")
+def test_an_ffmpeg_that_crashes_is_named_as_the_reason(tmp_path, monkeypatch):
+    # An ffmpeg build that crashes on a file (ffmpeg 4.2.2's static build segfaults on every MPEG-TS file; a build
+    # for a newer CPU dies of SIGILL) leaves only its version banner on stderr: that banner's last line
+    # ("libpostproc 55. 5.100 / 55. 5.100") was recorded as the reason the video failed.
+    video = write_video(tmp_path / "clip.mp4", level_frames(8))
+    fake = tmp_path / "ffmpeg"
+    fake.write_text("#!/bin/sh\necho '  libpostproc    55.  5.100 / 55.  5.100' >&2\nkill -SEGV $$\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr("pipeline.decode.ffmpeg_exe", lambda: str(fake))
+    with pytest.raises(DecodeError, match=r"ffmpeg crashed \(SIGSEGV\).*try another ffmpeg build") as caught:
+        decode_video(video, 4, 16)
+    assert "libpostproc" not in str(caught.value)
+    assert str(fake) in str(caught.value)
