@@ -109,8 +109,8 @@ def split_signature(feats: SplitFeatures) -> dict:
 # save_checkpoint (atomic, the one before kept as .prev.pt) lives in pipeline.files, shared with pretrain-tiny.
 def load_checkpoint(path: Path) -> dict:
     """pipeline.files.load_checkpoint, refusing in the words of a run folder."""
-    other = {"best.pt": "evaluate --checkpoint last reads last.pt; ", "last.pt": ""}.get(path.name, "")
-    return files.load_checkpoint(path, f"{other}or train again into a new --run")
+    other = "evaluate --checkpoint last reads last.pt, or " if path.name == "best.pt" else ""
+    return files.load_checkpoint(path, f"{other}train again into a new --run")
 
 
 def run_config(run: Path) -> dict:

@@ -160,6 +160,15 @@ def test_damaged_checkpoint_falls_back_to_previous(tmp_path, caplog, damage):
     assert load_checkpoint(tmp_path / "last.prev.pt")["step"] == 1
 
 
+def test_an_unloadable_checkpoint_says_what_to_do_in_one_sentence(tmp_path):
+    for name, fix in (("last.pt", "; train again into a new --run"),
+                      ("best.pt", "; evaluate --checkpoint last reads last.pt, or train again into a new --run")):
+        (tmp_path / name).write_bytes(b"not a checkpoint")  # and no .prev.pt to fall back to
+        with pytest.raises(UserError) as e:
+            load_checkpoint(tmp_path / name)
+        assert str(e.value).endswith(fix), str(e.value)  # was "...; or train again" for last.pt
+
+
 def test_a_torn_config_or_a_resume_before_the_first_checkpoint_is_one_line(cache, tmp_path):
     run = train(_cfg(cache, tmp_path / "run"), progress=False)
     (run / "config.json").write_text('{"cache": ')
