@@ -85,13 +85,9 @@ def _resolve_cache(cache: Path | None, run: Path | None = None) -> Path:
     if cache is not None:
         return cache
     if run is not None:
-        from reranker.train import run_config
+        from reranker.train import recorded_cache, run_config
 
-        recorded = Path(run_config(run)["cache"])
-        if not recorded.is_absolute() and not recorded.exists():
-            raise UserError(f"{recorded}: the cache {run} was trained on, relative to the folder training ran in, is "
-                            "not here; run from that folder or pass --cache")
-        return recorded
+        return recorded_cache(run, run_config(run))
     found = sorted(CACHE_ROOT.glob("*/*.zarr"), key=lambda p: (p / "zarr.json").stat().st_mtime if (p / "zarr.json").exists() else 0)
     if not found:
         raise UserError(f"no cache under {CACHE_ROOT}/; run `python cli.py extract` first or pass --cache DIR")

@@ -126,6 +126,16 @@ def run_config(run: Path) -> dict:
     return config
 
 
+def recorded_cache(run: Path, config: dict) -> Path:
+    """The cache a run was trained on, as its config.json records it; refused in one line when that is a relative
+    path that is not here (it is relative to the folder training ran in, as `make demo` records it)."""
+    recorded = Path(config["cache"])
+    if not recorded.is_absolute() and not recorded.exists():
+        raise UserError(f"{recorded}: the cache {run} was trained on, relative to the folder training ran in, is "
+                        "not here; run from that folder or pass --cache")
+    return recorded
+
+
 def load_model(run: Path, which: str = "best") -> tuple[CrossTVR, dict]:
     """A trained model from a run folder (best.pt or last.pt) and its run config."""
     run = Path(run)
@@ -402,8 +412,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
                             "without --resume to start it again")
         saved = run_config(run)
         saved.setdefault("batch_negatives", 0)  # a run started before the option trained without them
-        if cfg.cache and Path(cfg.cache).resolve() != Path(saved["cache"]).resolve():
+        if not cfg.cache:
+            recorded_cache(run, saved)
+        elif Path(saved["cache"]).exists() and Path(cfg.cache).resolve() != Path(saved["cache"]).resolve():
             raise UserError(f"{run}: the run trains on {saved['cache']}, not {cfg.cache}; drop --cache or start a new --run")
+        else:  # its own cache, or the one named where the recorded path is not (relative to another folder, moved):
+            saved["cache"] = cfg.cache  # its features and split are checked against the checkpoint's below
         cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
     elif kept_checkpoint(run / "last.pt") is not None:
         raise UserError(f"{run}: a run is already there; pass --resume to continue it or another --run")

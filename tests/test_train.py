@@ -397,6 +397,26 @@ def test_cli_refusals_are_one_line(cache, tmp_path):
     assert same.exit_code == 0, same.output  # as `make demo` resumes: the run's own cache may be named
     other = CliRunner().invoke(cli.main, ["train-reranker", "--run", str(run), "--resume", "--cache", str(tmp_path)])
     assert other.exit_code == 2 and f"the run trains on {cache}, not {tmp_path}; drop --cache" in other.output
+
+
+def test_a_run_recorded_with_a_relative_cache_resumes_from_another_folder(cache, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import cli
+
+    monkeypatch.chdir(cache.parent)  # as `make demo` trains: the cache named relative to the folder it runs in
+    run = tmp_path / "run"
+    train(_cfg(cache.name, run), progress=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    lost = CliRunner().invoke(cli.main, ["train-reranker", "--run", str(run), "--resume"])
+    assert lost.exit_code == 2 and lost.output == (f"error: {cache.name}: the cache {run} was trained on, relative to "
+                                                   "the folder training ran in, is not here; run from that folder or "
+                                                   "pass --cache\n"), lost.output
+    named = CliRunner().invoke(cli.main, ["train-reranker", "--run", str(run), "--resume", "--cache", str(cache)])
+    assert named.exit_code == 0, named.output  # before: "the run trains on <relative>, not <cache>; drop --cache"
+    assert json.loads((run / "config.json").read_text())["cache"] == cache.name
     (run / "best.pt").unlink()
     (run / "best.prev.pt").unlink(missing_ok=True)
     with pytest.raises(UserError, match=r"best.pt: no checkpoint yet .*train-reranker --resume"):
