@@ -1,0 +1,16 @@
+"""Tests for pipeline/errors.py: the one line an exception gives a one-line error."""
+
+from pipeline.errors import first_line
+
+
+def test_first_line_is_the_messages_first_line_or_the_type():
+    assert first_line(ValueError("bad chunk\nTraceback detail")) == "bad chunk"
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(ValueError("  \n")) == "ValueError"
+
+
+def test_a_long_line_is_cut_visibly_never_mid_number_silently():
+    message = "chunk 3 of patch_tokens: " + "x" * 120 + " 9 compressed / 7 raw, expected 196608 raw"
+    line = first_line(ValueError(message))
+    assert len(line) == 160 and line.endswith("...") and message.startswith(line[:-3])
+    assert first_line(ValueError(message), most=len(message)) == message
