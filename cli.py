@@ -139,7 +139,8 @@ def extract(dataset, data_root, cache, model, pretrained, frames, patch_layer, t
         records = any("records" in d for d in summary.repaired)
         click.echo(f"repaired {len(summary.repaired) - records} damaged video(s)/caption chunk(s)"
                    + (", and wrote the annotations' arrays again" if records else ""))
-    click.echo(f"cache {summary.cache}: {summary.videos_done}/{summary.videos_total} videos done, {summary.texts} captions")
+    click.echo(f"cache {summary.cache}: {summary.videos_done}/{summary.videos_total} videos done, "
+               f"{summary.texts_done}/{summary.texts} captions done")
     if summary.failed:
         click.echo(f"{len(summary.failed)} video(s) could not be decoded:")
         for f in summary.failed:
@@ -166,7 +167,7 @@ def info(cache, as_json, verify) -> None:
         return
     click.echo(f"cache        {facts['cache']} ({facts['bytes'] / 2**20:.1f} MiB)")
     click.echo(f"dataset      {facts['dataset']}")
-    click.echo(f"model        {facts['model']}  weights: {facts['pretrained'] or 'RANDOM (no --pretrained)'}")
+    click.echo(f"model        {facts['model']}  weights: {facts['pretrained'] or 'RANDOM'}")
     text_layer = facts["text_layer"]
     text = ("text tokens of an unrecorded text block (cache predates --text-layer)" if text_layer is None
             else f"text tokens after {text_layer} text blocks")

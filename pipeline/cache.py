@@ -388,6 +388,11 @@ class FeatureCache:
         """PENDING or DONE per caption chunk; an unreadable flag is PENDING, as in video_status."""
         return self._read_rows("text_chunk_status")[0]
 
+    def texts_done(self) -> int:
+        """How many captions are encoded: those of the finished chunks (the last chunk may be short)."""
+        done = np.flatnonzero(self.text_chunk_status() == DONE)
+        return int(np.minimum(self.text_chunk, self.n_texts - done * self.text_chunk).sum())
+
     def text_video(self) -> np.ndarray:
         return np.asarray(self._read_record_array("text_video"))
 

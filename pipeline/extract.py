@@ -73,6 +73,7 @@ class ExtractSummary:
     videos_total: int
     videos_done: int
     texts: int
+    texts_done: int
     failed: list[dict]
     repaired: list[dict] = field(default_factory=list)  # what --repair found damaged and redid (cache.verify's entries)
 
@@ -143,7 +144,7 @@ def _run_extract(cfg: ExtractConfig, path: Path, shard_index: int, shard_count: 
 
     status = cache.video_status()
     return ExtractSummary(cache=path, videos_total=cache.n_videos, videos_done=int((status == DONE).sum()),
-                          texts=cache.n_texts, failed=cache.failures(), repaired=repaired)
+                          texts=cache.n_texts, texts_done=cache.texts_done(), failed=cache.failures(), repaired=repaired)
 
 
 def _repair(cache: FeatureCache, records: list, lengths: np.ndarray) -> list[dict]:

@@ -47,7 +47,8 @@ def extracted(tiny_dataset, tmp_path):
 
 def test_extract_stores_what_the_encoder_computes(extracted, tiny_dataset):
     summary, cache = extracted
-    assert (summary.videos_done, summary.videos_total, summary.texts, summary.failed) == (5, 5, 10, [])
+    assert (summary.videos_done, summary.videos_total, summary.texts_done, summary.texts, summary.failed) == \
+        (5, 5, 10, 10, [])
     assert cache["patch_tokens"].shape == (5, 12, 64, 128) and cache["patch_tokens"].dtype == np.float16
     assert cache["text_tokens"].shape == (10, 32, 64)
     assert cache.text_video().tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
@@ -203,9 +204,10 @@ def test_a_shard_does_its_own_videos_and_caption_chunks_only(tiny_dataset, tmp_p
     monkeypatch.setattr("pipeline.cache.TEXT_CHUNK", 4)  # the 10 captions in chunks of 4, 4 and 2
     encoded, encode = [], FrozenEncoder.encode_captions
     monkeypatch.setattr(FrozenEncoder, "encode_captions", lambda self, c: encoded.append(len(c)) or encode(self, c))
-    run_extract(_cfg(tiny_dataset, tmp_path / "c.zarr", shard="0/2"))
+    summary = run_extract(_cfg(tiny_dataset, tmp_path / "c.zarr", shard="0/2"))
     cache = FeatureCache(tmp_path / "c.zarr")
     assert cache.text_chunk_status().tolist() == [DONE, PENDING, DONE] and encoded == [4, 2]
+    assert (summary.texts_done, summary.texts) == (6, 10)  # what this shard encoded of all the captions
     assert cache.video_status().tolist() == [DONE, PENDING, DONE, PENDING, DONE]  # videos 0, 2, 4 of 5
 
 
