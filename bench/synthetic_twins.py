@@ -119,7 +119,7 @@ def main() -> None:
         model, state = load_model(run)
         check_compatible(state["cache_signature"], cache, run)
         first = first_stage_sims(model.to(device), feats, device)
-        candidates, final, logits = rerank(model, feats, first, args.top_k, device)
+        candidates, final, logits = rerank(model, feats, first, min(args.top_k, feats.n_videos), device)
         two_stage = M.two_stage_scores(first, candidates, final)
         top1 = {"first_stage": first, "two_stage": two_stage, "reranker_alone": M.two_stage_scores(first, candidates, logits)}
         table[str(run)] = {
