@@ -310,7 +310,8 @@ def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives
 @click.option("--top-k", type=click.IntRange(min=1), default=15, show_default=True,
               help="Candidates re-scored by the reranker.")
 @click.option("--out", type=click.Path(path_type=Path), help="Metrics JSON [default: <run>/eval_<split>.json].")
-@click.option("--save-sims", type=click.Path(path_type=Path), help="Folder for the score matrices (.npy): first-stage cosines; the two-stage ones are per-query rank "
+@click.option("--save-sims", type=click.Path(path_type=Path),
+              help="Folder for the score matrices (.npy): first-stage cosines; the two-stage ones are per-query rank "
                    "codes, valid along one axis only (README, Evaluation).")
 @click.option("--zero-shot", is_flag=True, help="Evaluate the untrained first stage (zero-shot CLIP).")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
