@@ -10,7 +10,7 @@ def test_first_line_is_the_messages_first_line_or_the_type():
 
 
 def test_a_long_line_is_cut_visibly():
-    message = "chunk 3 of patch_tokens: " + "x" * 110 + " 9 compressed / 7 raw, expected 196608 raw"
+    message = "chunk 3 of patch_tokens: " + "x" * 100 + " 9 compressed / 7 raw, expected 196608 raw"
     line = first_line(ValueError(message))  # was cut to "... expected 196"
     assert len(line) == 160 and line.endswith("...") and message.startswith(line[:-3])
     assert first_line(ValueError(message[:160])) == message[:160]  # 160 characters: whole
