@@ -14,7 +14,7 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
-from pipeline.ffmpeg import ffmpeg_exe, has_filter, passthrough_option
+from pipeline.ffmpeg import ffmpeg_exe, has_filter, passthrough_option, source_time_base_option
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,15 @@ def _demux(path: Path, decode: bool = False) -> Timeline:
     ffmpeg 7.0 leaves the count out of it when the stream is copied. By default the packets are only demuxed, which
     is cheap, and those flagged discard (cut by an MP4 edit list) are left out; decode=True decodes them at a tiny
     size instead, for streams whose packets and frames differ otherwise (packets the decoder rejects, field-coded
-    H.264).
+    H.264), stamped in the stream's own time base as the packets are.
     """
     exe = ffmpeg_exe()
     if decode:
         stream = (
             ffmpeg.input(str(path), threads=1)[VIDEO_STREAM]
             .filter("scale", 8, 8)
-            .output("-", f="framecrc", vcodec="rawvideo", pix_fmt="gray", **passthrough_option(exe))
+            .output("-", f="framecrc", vcodec="rawvideo", pix_fmt="gray", **passthrough_option(exe),
+                    **source_time_base_option(exe))
         )
     else:
         stream = ffmpeg.input(str(path)).output("-", map=f"0:{VIDEO_STREAM}", c="copy", f="framecrc")

@@ -20,15 +20,26 @@ def ffmpeg_exe() -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def release(exe: str) -> tuple[int, int] | None:
+    """This ffmpeg's (major, minor) release; None for builds without one (git snapshots), taken as recent."""
+    first = subprocess.run([exe, "-version"], capture_output=True, text=True).stdout.partition("\n")[0]
+    found = re.match(r"ffmpeg version n?(\d+)\.(\d+)", first)
+    return (int(found[1]), int(found[2])) if found else None
+
+
 def passthrough_option(exe: str) -> dict[str, str]:
     """The output option that passes frames on as decoded (no duplicates to fill time gaps): `-fps_mode` from
-    ffmpeg 5.1, `-vsync` before it (ffmpeg 9 removed `-vsync`; Ubuntu 22.04 ships 4.4). Builds without a release
-    number (git snapshots) are taken as recent."""
-    first = subprocess.run([exe, "-version"], capture_output=True, text=True).stdout.partition("\n")[0]
-    release = re.match(r"ffmpeg version n?(\d+)\.(\d+)", first)
-    if release and (int(release[1]), int(release[2])) < (5, 1):
-        return {"vsync": "passthrough"}
-    return {"fps_mode": "passthrough"}
+    ffmpeg 5.1, `-vsync` before it (ffmpeg 9 removed `-vsync`; Ubuntu 22.04 ships 4.4)."""
+    old = release(exe)
+    return {"vsync": "passthrough"} if old and old < (5, 1) else {"fps_mode": "passthrough"}
+
+
+def source_time_base_option(exe: str) -> dict[str, str]:
+    """The output option that stamps encoded frames in the source stream's time base, not on a clock of its nominal
+    frame rate (which puts a clip that changes rate on a coarse grid): `-enc_time_base demux` from ffmpeg 7, `-1`
+    before it (4.2 knows only -1, 9.0 only demux; 7.0 both)."""
+    old = release(exe)
+    return {"enc_time_base": "-1" if old and old < (7, 0) else "demux"}
 
 
 @functools.lru_cache(maxsize=None)

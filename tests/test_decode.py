@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.decode import DecodeError, decode_video, frame_times, sample_indices
-from pipeline.ffmpeg import ffmpeg_exe, has_filter, passthrough_option
+from pipeline.ffmpeg import ffmpeg_exe, has_filter, passthrough_option, source_time_base_option
 from tests.conftest import level_frames, write_video
 
 
@@ -73,6 +73,20 @@ def test_passthrough_option_follows_the_ffmpeg_release(tmp_path, banner, option)
     assert passthrough_option(str(fake)) == {option: "passthrough"}
 
 
+@pytest.mark.parametrize("banner, value", [
+    ("ffmpeg version 4.2.2-static https://johnvansickle.com/ffmpeg/  Copyright (c) 2000-2019", "-1"),  # 4.2: only -1
+    ("ffmpeg version 6.1.1-3ubuntu5 Copyright (c) 2000-2023", "-1"),
+    ("ffmpeg version 7.0.2-static https://johnvansickle.com/ffmpeg/  Copyright (c) 2000-2024", "demux"),  # both
+    ("ffmpeg version n9.0.2-17-g2a571b6068-20251120 Copyright (c) 2000-2025", "demux"),  # 9.0: only demux
+    ("ffmpeg version N-113254-g3a5a7a0a2e-static https://johnvansickle.com/ffmpeg/", "demux"),  # git snapshot
+])
+def test_source_time_base_option_follows_the_ffmpeg_release(tmp_path, banner, value):
+    fake = tmp_path / "ffmpeg"
+    fake.write_text(f"#!/bin/sh\necho '{banner}'\n")
+    fake.chmod(0o755)
+    assert source_time_base_option(str(fake)) == {"enc_time_base": value}
+
+
 def test_decode_samples_the_right_frames(tmp_path):
     path = write_video(tmp_path / "levels.mp4", level_frames(30))
     out = decode_video(path, n_frames=6, size=32)
@@ -119,6 +133,9 @@ def test_variable_frame_rate_is_sampled_uniformly_in_time(tmp_path):
     centres = [(i + 0.5) * segment for i in range(8)]
     sampled = [time[k] for k in decoded_indices(out.frames)]
     assert all(abs(t - c) <= segment / 2 for t, c in zip(sampled, centres)), sampled
+    # Timed from decoded frames (the fallback when the decoder outputs fewer frames than packets), the same times: on
+    # the stream's nominal-rate clock the 2 fps frames were stamped 1/30 s apart and the clip lasted 4.3 s, not 9 s.
+    assert frame_times(path, decode=True) == frame_times(path)
 
 
 def test_a_gif_holding_its_last_frame_is_sampled_over_its_whole_duration(tmp_path):
