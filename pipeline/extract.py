@@ -18,7 +18,7 @@ from pipeline.datasets import default_data_root, load_records
 from pipeline.decode import DecodedVideo, DecodeError, decode_video
 from pipeline.encoder import DEFAULT_MODEL, FrozenEncoder
 from pipeline.errors import UserError
-from pipeline.records import missing_videos
+from pipeline.records import VideoRecord, missing_videos
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,13 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         raise UserError("--repair checks the whole cache; run it once without --shard while no shard is running")
     path = Path(cfg.cache) if cfg.cache else default_cache_path(cfg.dataset, cfg.model)
     check_cache_folder(path)  # now, not after the encoder has loaded
+    records = _records(cfg)  # bad annotations are refused before anything is written beside the cache
     with run_lock(path.resolve(), exclusive=cfg.overwrite or cfg.repair):
-        return _run_extract(cfg, path, shard_index, shard_count)
+        return _run_extract(cfg, path, records, shard_index, shard_count)
 
 
-def _run_extract(cfg: ExtractConfig, path: Path, shard_index: int, shard_count: int) -> ExtractSummary:
+def _records(cfg: ExtractConfig) -> list[VideoRecord]:
+    """The dataset's records; refused when none of their videos is on disk, a warning when some are missing."""
     data_root = Path(cfg.data_root) if cfg.data_root else default_data_root(cfg.dataset)
     records = load_records(cfg.dataset, data_root)
     missing = missing_videos(records)
@@ -114,7 +116,11 @@ def _run_extract(cfg: ExtractConfig, path: Path, shard_index: int, shard_count: 
         first = ", ".join(str(r.path) for r in missing[:3])
         log.warning("%d of %d annotated videos are missing on disk (first: %s); they are recorded as failed",
                     len(missing), len(records), first)
+    return records
 
+
+def _run_extract(cfg: ExtractConfig, path: Path, records: list[VideoRecord], shard_index: int,
+                 shard_count: int) -> ExtractSummary:
     encoder = FrozenEncoder(cfg.model, cfg.pretrained, patch_layer=cfg.patch_layer, text_layer=cfg.text_layer,
                             max_text_tokens=cfg.max_text_tokens)
     info = encoder.info

@@ -383,9 +383,9 @@ def test_annotations_without_any_video_are_one_line(tiny_dataset, tmp_path):
     for video in (tiny_dataset / "videos").iterdir():
         video.unlink()
     result = CliRunner().invoke(cli.main, ["extract", "--dataset", "manifest", "--data-root", str(tiny_dataset),
-                                           "--cache", str(tmp_path / "c.zarr")])
+                                           "--cache", str(tmp_path / "out" / "c.zarr")])
     assert result.exit_code == 2 and "none of the 5 annotated videos is there (first: " in result.output
-    assert not (tmp_path / "c.zarr").exists()  # no caption work for a cache of nothing
+    assert not (tmp_path / "out").exists()  # no cache of nothing, and no folder or lock files for it either
 
 
 def test_missing_data_root_is_one_line(tmp_path):
