@@ -5,8 +5,8 @@ class UserError(Exception):
     """Bad input or configuration: the message names the file and the fix, on one line."""
 
 
-def first_line(e: BaseException) -> str:
-    """An exception's first line (its type when it has no message), for one-line errors: at most 160 characters, a
+def first_line(e: BaseException, most: int = 160) -> str:
+    """An exception's first line (its type when it has no message), for one-line errors: at most `most` characters, a
     cut one ending in "..." (so that a number cut short is not read as a smaller one)."""
     line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return line if len(line) <= 160 else line[:157] + "..."
+    return line if len(line) <= most else line[: most - 3] + "..."

@@ -96,7 +96,7 @@ def load_checkpoint(path: Path, fix: str) -> dict:
         try:
             state = torch.load(candidate, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - truncated, empty, corrupt or a pickled payload: all refused alike
-            log.warning("%s is damaged or unsafe (%s); refused", candidate, first_line(e)[:120])
+            log.warning("%s is damaged or unsafe (%s); refused", candidate, first_line(e, 120))
             refused = refused or candidate
             continue
         if refused == path:

@@ -14,7 +14,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from pipeline.cache import DONE, FAILED, PENDING, FeatureCache
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _damaged(arr, rows: np.ndarray, error: Exception) -> UserError:
     except Exception:  # noqa: BLE001 - naming the rows is the best we can do
         names = [f"row {r}" for r in bad]
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+    reason = first_line(error, 120)
     return UserError(
         f"{root}: {arr.basename} of {shown or 'some videos'} cannot be read ({reason}); "
         f"run `python cli.py info --verify --cache {root}` to list the damage and re-run extract with --repair"

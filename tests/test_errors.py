@@ -14,3 +14,4 @@ def test_a_long_line_is_cut_visibly():
     line = first_line(ValueError(message))  # was cut to "... expected 196"
     assert len(line) == 160 and line.endswith("...") and message.startswith(line[:-3])
     assert first_line(ValueError(message[:160])) == message[:160]  # 160 characters: whole
+    assert first_line(ValueError(message), 120) == message[:117] + "..."  # a caller's shorter bound, cut alike
