@@ -112,6 +112,20 @@ def check_cache_folder(path: Path) -> None:
         raise UserError(f"{path}: is a file, not a cache folder; pass --cache a folder path (e.g. cache/x.zarr)")
 
 
+def check_extract_target(path: Path, overwrite: bool) -> None:
+    """Refuse a --cache that extract must not write into: a file, or a folder that holds something other than a
+    feature cache (which --overwrite must not delete either). A cache, damaged or not, and an empty folder pass."""
+    check_cache_folder(path)
+    path = Path(path)
+    if path.is_dir():
+        other = not (path / "zarr.json").is_file() and any(path.iterdir()) or _foreign_group(path)
+    else:
+        other = path.exists()  # a device, a pipe: never a place for a cache, never renamed away
+    if other:
+        why = "so --overwrite will not delete it" if overwrite else "and not an empty folder"
+        raise UserError(f"{path}: not a feature cache, {why}; pass another --cache folder (a new or empty one)")
+
+
 def video_source(path: Path) -> str:
     """What identifies the bytes of a video file: "size mtime_ns sha256" (see FeatureCache.changed_videos)."""
     stat = path.stat()
@@ -323,11 +337,8 @@ class FeatureCache:
         with cache_lock(path):
             for stale in path.parent.glob(f".{path.name}.*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while creating
+            check_extract_target(path, overwrite)  # again under the lock: another run may have written there
             if path.exists() and overwrite:
-                if not (path / "zarr.json").is_file() and (not path.is_dir() or any(path.iterdir())) \
-                        or _foreign_group(path):
-                    raise UserError(f"{path}: not a feature cache, so --overwrite will not delete it; "
-                                    "pass another --cache folder")
                 # renamed first: a run killed while deleting leaves a stale temp folder (removed above), not half a cache
                 old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
                 os.rename(path, old)

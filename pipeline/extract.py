@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import (DEFAULT_COMPRESSION, DONE, CacheSpec, FeatureCache, check_cache_folder, run_lock,
+from pipeline.cache import (DEFAULT_COMPRESSION, DONE, CacheSpec, FeatureCache, check_extract_target, run_lock,
                             video_source)
 from pipeline.datasets import default_data_root, load_records
 from pipeline.decode import DecodedVideo, DecodeError, decode_video
@@ -98,10 +98,14 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     if cfg.repair and shard_count > 1:
         raise UserError("--repair checks the whole cache; run it once without --shard while no shard is running")
     path = Path(cfg.cache) if cfg.cache else default_cache_path(cfg.dataset, cfg.model)
-    check_cache_folder(path)  # now, not after the encoder has loaded
-    records = _records(cfg)  # bad annotations are refused before anything is written beside the cache
+    # Refusals come before the run lock, so a refused run leaves nothing beside --cache: a bad cache folder
+    # first (not after the encoder has loaded), then bad annotations, then a bad --model or --patch-layer.
+    check_extract_target(path, cfg.overwrite)
+    records = _records(cfg)
+    encoder = FrozenEncoder(cfg.model, cfg.pretrained, patch_layer=cfg.patch_layer, text_layer=cfg.text_layer,
+                            max_text_tokens=cfg.max_text_tokens)
     with run_lock(path.resolve(), exclusive=cfg.overwrite or cfg.repair):
-        return _run_extract(cfg, path, records, shard_index, shard_count)
+        return _run_extract(cfg, path, records, encoder, shard_index, shard_count)
 
 
 def _records(cfg: ExtractConfig) -> list[VideoRecord]:
@@ -119,10 +123,8 @@ def _records(cfg: ExtractConfig) -> list[VideoRecord]:
     return records
 
 
-def _run_extract(cfg: ExtractConfig, path: Path, records: list[VideoRecord], shard_index: int,
+def _run_extract(cfg: ExtractConfig, path: Path, records: list[VideoRecord], encoder: FrozenEncoder, shard_index: int,
                  shard_count: int) -> ExtractSummary:
-    encoder = FrozenEncoder(cfg.model, cfg.pretrained, patch_layer=cfg.patch_layer, text_layer=cfg.text_layer,
-                            max_text_tokens=cfg.max_text_tokens)
     info = encoder.info
     captions = [c for r in records for c in r.captions]
     _, lengths, truncated = encoder.tokenize(captions)

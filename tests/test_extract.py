@@ -274,10 +274,14 @@ def test_overwrite_deletes_only_a_feature_cache(tiny_dataset, tmp_path):
     (precious / "notes.txt").write_text("a week of work")
     with pytest.raises(UserError, match=r"precious: not a feature cache, so --overwrite will not delete it"):
         run_extract(_cfg(tiny_dataset, precious, overwrite=True))
+    # it said "no feature cache here; run `python cli.py extract` first" to the extract run
+    with pytest.raises(UserError, match=r"precious: not a feature cache, and not an empty folder; pass another --cache"):
+        run_extract(_cfg(tiny_dataset, precious))
     assert (precious / "notes.txt").read_text() == "a week of work"
+    assert not list(tmp_path.glob("*lock"))  # refused before the locks were taken
     foreign = zarr.open_group(tmp_path / "foreign.zarr", mode="w")  # another tool's Zarr store
     foreign.create_array("embeddings", shape=(3,), dtype="float32")[:] = [1, 2, 3]
-    with pytest.raises(UserError, match=r"foreign.zarr: a Zarr group, but not a feature cache .*another folder"):
+    with pytest.raises(UserError, match=r"foreign.zarr: not a feature cache, and not an empty folder; pass another"):
         run_extract(_cfg(tiny_dataset, tmp_path / "foreign.zarr"))
     with pytest.raises(UserError, match=r"foreign.zarr: not a feature cache, so --overwrite will not delete it"):
         run_extract(_cfg(tiny_dataset, tmp_path / "foreign.zarr", overwrite=True))
@@ -306,10 +310,11 @@ def test_cache_without_text_layer_is_refused_with_advice(extracted, tiny_dataset
 
 
 def test_text_layer_flag_reaches_the_encoder(tiny_dataset, tmp_path):
-    args = ["extract", "--dataset", "manifest", "--data-root", str(tiny_dataset), "--cache", str(tmp_path / "c.zarr")]
+    args = ["extract", "--dataset", "manifest", "--data-root", str(tiny_dataset), "--cache", str(tmp_path / "out" / "c.zarr")]
     result = CliRunner().invoke(cli.main, args + ["--text-layer", "9"])
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert "--text-layer 9 out of range: CrossTVR-Tiny has 4 text blocks" in result.output
+    assert not (tmp_path / "out").exists()  # refused before the run lock: no folder or lock files beside --cache
 
 
 @pytest.mark.parametrize(("option", "value", "minimum"),
