@@ -9,6 +9,7 @@ and truncated files (tests/test_decode.py); every annotation refusal at adapter 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import pickle
 import subprocess
@@ -180,15 +181,20 @@ def test_a_refused_path_or_a_ctrl_c_in_any_command_is_one_line(tmp_path, monkeyp
     assert result.output.strip().count("\n") == 0
 
 
-def test_an_error_after_an_unfinished_progress_bar_starts_its_own_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("error", "line"), [
+    (UserError("x.h5: the disk is full; free some space"), "error: x.h5: the disk is full; free some space"),
+    (OSError(errno.ENOSPC, "No space left on device", "x.h5"), "error: x.h5: No space left on device; check that path "
+     "(an existing folder where one is needed, not a file), its permissions and the disk"),
+], ids=["user-error", "os-error"])
+def test_an_error_after_an_unfinished_progress_bar_starts_its_own_line(tmp_path, monkeypatch, error, line):
     def export(*args):
         bar = tqdm(total=10, desc="export", file=sys.stderr)
         bar.update(3)
-        raise UserError("x.h5: the disk is full; free some space")
+        raise error
 
     cache = make_feature_cache(tmp_path / "c.zarr", {"test": 2})
     monkeypatch.setattr("pipeline.export.export_h5", export)
     result = CliRunner().invoke(cli.main, ["export-h5", "--cache", str(cache), "--out", str(tmp_path / "x.h5")])
     assert result.exit_code == 2, result.output
     lines = result.output.replace("\r", "\n").splitlines()
-    assert "export:  30%" in result.output and lines[-1] == "error: x.h5: the disk is full; free some space", lines
+    assert "export:  30%" in result.output and lines[-1] == line, lines
