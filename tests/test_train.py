@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -182,7 +183,7 @@ def test_a_torn_config_or_a_resume_before_the_first_checkpoint_is_one_line(cache
         train(TrainConfig(run=str(fresh)), resume=True, progress=False)
 
 
-def test_checkpoint_with_pickled_payload_is_refused(tmp_path):
+def test_checkpoint_with_pickled_payload_is_refused(tmp_path, caplog):
     class Payload:
         def __reduce__(self):
             return (open, (str(tmp_path / "PWNED"), "w"))
@@ -191,6 +192,10 @@ def test_checkpoint_with_pickled_payload_is_refused(tmp_path):
     with pytest.raises(UserError, match="no loadable checkpoint"):
         load_checkpoint(tmp_path / "last.pt")
     assert not (tmp_path / "PWNED").exists()
+    # torch's reason is a long line ("Weights only load failed. This file can still be loaded, ..."): cut visibly
+    # (messages as logged: caplog.text drops the terminal codes torch puts in that line)
+    reason = re.search(r"last.pt is damaged or unsafe \((.*)\); refused", "\n".join(caplog.messages))[1]
+    assert reason.startswith("Weights only load failed") and len(reason) == 120 and reason.endswith("..."), reason
 
 
 def test_checkpoint_of_another_model_version_is_refused_in_one_line(cache, tmp_path):

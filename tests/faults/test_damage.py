@@ -4,7 +4,9 @@ and training on a damaged cache stops with one line naming the video and the fix
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import struct
 
 import pytest
 from click.testing import CliRunner
@@ -187,3 +189,19 @@ def test_training_on_a_damaged_cache_names_the_video(tmp_path):
         train(cfg, progress=False)
     message = str(e.value)
     assert "\n" not in message and "train3" in message and "--repair" in message and str(cache) in message
+
+
+def test_a_long_reason_for_a_damaged_chunk_is_cut_visibly(tmp_path):
+    from reranker.train import TrainConfig, train
+
+    cache = make_feature_cache(tmp_path / "c.zarr", {"train": 8, "val": 4})
+    header = bytes([2, 1, 0x21, 4]) + struct.pack("<III", 4_000_000_000, 0, 4_000_000_000)  # sizes no chunk has
+    (cache / "frame_embeds" / "c" / "3" / "0" / "0").write_bytes(header)
+    cfg = TrainConfig(cache=str(cache), run=str(tmp_path / "run"), epochs=1, batch_size=4, hard_negatives=1,
+                      neighbour_negatives=0, dim=16, heads=2, n_queries=2, top_k=3)
+    with pytest.raises(UserError) as e:
+        train(cfg, progress=False)
+    reason = re.search(r"cannot be read \((.*)\); run `python cli.py info --verify", str(e.value))[1]
+    # 129 characters, "... raw, expected 64 raw)": cut at 120 it ended "raw, expecte" with nothing to say it was cut
+    assert reason.startswith("frame_embeds/c/3/0/0: damaged Blosc chunk (16 bytes on disk, header says 4000000000 ")
+    assert len(reason) == 120 and reason.endswith("..."), reason
