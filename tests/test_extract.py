@@ -293,6 +293,22 @@ def test_overwrite_deletes_only_a_feature_cache(tiny_dataset, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_folder_filled_after_the_first_check_is_not_deleted_by_overwrite(tiny_dataset, tmp_path, monkeypatch):
+    import pipeline.extract
+
+    precious, check = tmp_path / "precious", pipeline.extract.check_extract_target
+
+    def checked_then_filled(path, overwrite):  # another program writes there while the encoder loads
+        check(path, overwrite)
+        precious.mkdir()
+        (precious / "notes.txt").write_text("a week of work")
+
+    monkeypatch.setattr("pipeline.extract.check_extract_target", checked_then_filled)
+    with pytest.raises(UserError, match=r"precious: not a feature cache, so --overwrite will not delete it"):
+        run_extract(_cfg(tiny_dataset, precious, overwrite=True))
+    assert (precious / "notes.txt").read_text() == "a week of work"  # checked again under the lock
+
+
 def test_cache_of_another_text_layer_is_refused(extracted, tiny_dataset):
     summary, cache = extracted
     assert cache.attrs["text_layer"] == 0  # the shipped tiny model's default
