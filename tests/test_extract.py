@@ -24,7 +24,7 @@ from pipeline.encoder import FrozenEncoder, default_device
 from pipeline.errors import UserError
 from pipeline.export import export_h5
 from pipeline.extract import ExtractConfig, run_extract
-from tests.conftest import REAL_DATA, ROOT, subprocess_env
+from tests.conftest import REAL_DATA, ROOT, make_feature_cache, subprocess_env
 
 FEATURES = ("patch_tokens", "cls_tokens", "frame_embeds", "frame_mask", "text_tokens", "text_lengths", "text_embeds")
 
@@ -209,6 +209,10 @@ def test_a_shard_does_its_own_videos_and_caption_chunks_only(tiny_dataset, tmp_p
     assert cache.text_chunk_status().tolist() == [DONE, PENDING, DONE] and encoded == [4, 2]
     assert (summary.texts_done, summary.texts) == (6, 10)  # what this shard encoded of all the captions
     assert cache.video_status().tolist() == [DONE, PENDING, DONE, PENDING, DONE]  # videos 0, 2, 4 of 5
+    args = ["extract", "--dataset", "manifest", "--data-root", str(tiny_dataset), "--cache", str(tmp_path / "c.zarr")]
+    again = CliRunner().invoke(cli.main, args + ["--shard", "0/2"])  # its work is done: the summary line only
+    line = f"cache {tmp_path / 'c.zarr'}: 3/5 videos done, 6/10 captions done\n"  # not "10 captions": all of them
+    assert again.exit_code == 0 and line in again.output, again.output
 
 
 def test_a_moved_weights_file_keeps_its_cache(tiny_dataset, tmp_path):
@@ -307,6 +311,12 @@ def test_a_folder_filled_after_the_first_check_is_not_deleted_by_overwrite(tiny_
     with pytest.raises(UserError, match=r"precious: not a feature cache, so --overwrite will not delete it"):
         run_extract(_cfg(tiny_dataset, precious, overwrite=True))
     assert (precious / "notes.txt").read_text() == "a week of work"  # checked again under the lock
+
+
+def test_info_names_random_weights_as_such(tmp_path):
+    cache = make_feature_cache(tmp_path / "c.zarr", {"test": 2})  # recorded with no weights file: random ones
+    result = CliRunner().invoke(cli.main, ["info", "--cache", str(cache)])
+    assert result.exit_code == 0 and "model        fake  weights: RANDOM\n" in result.output, result.output
 
 
 def test_cache_of_another_text_layer_is_refused(extracted, tiny_dataset):
