@@ -1,5 +1,10 @@
 """The one exception type the CLI turns into a one-line message instead of a traceback."""
 
+import re
+
+# a terminal control sequence (ESC [ ... letter): bold, colour, reset
+_TERMINAL_CODE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
 
 class UserError(Exception):
     """Bad input or configuration: the message names the file and the fix, on one line."""
@@ -7,6 +12,7 @@ class UserError(Exception):
 
 def first_line(e: BaseException, most: int = 160) -> str:
     """An exception's first line (its type when it has no message), for one-line errors: at most `most` characters, a
-    cut one ending in "..." (so that a number cut short is not read as a smaller one)."""
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    cut one ending in "..." (so that a number cut short is not read as a smaller one). Terminal codes are dropped:
+    torch's "Weights only load failed" line turns bold on, and a cut before its reset left the terminal bold."""
+    line = (_TERMINAL_CODE.sub("", str(e)).strip().splitlines() or [type(e).__name__])[0]
     return line if len(line) <= most else line[: most - 3] + "..."

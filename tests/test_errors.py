@@ -15,3 +15,11 @@ def test_a_long_line_is_cut_visibly():
     assert len(line) == 160 and line.endswith("...") and message.startswith(line[:-3])
     assert first_line(ValueError(message[:160])) == message[:160]  # 160 characters: whole
     assert first_line(ValueError(message), 120) == message[:117] + "..."  # a caller's shorter bound, cut alike
+
+
+def test_terminal_codes_are_dropped():
+    # torch's refusal of an unsafe checkpoint says "\x1b[1mWeights only load failed\x1b[0m"; cut at 120, the reset
+    # was lost and the terminal stayed bold after the warning
+    message = "\x1b[1mWeights only load failed.\x1b[0m " + "y" * 200
+    line = first_line(ValueError(message), 120)
+    assert "\x1b" not in line and line == ("Weights only load failed. " + "y" * 200)[:117] + "..."
