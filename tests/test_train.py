@@ -402,6 +402,10 @@ def test_cli_refusals_are_one_line(cache, tmp_path):
     assert same.exit_code == 0, same.output  # as `make demo` resumes: the run's own cache may be named
     other = CliRunner().invoke(cli.main, ["train-reranker", "--run", str(run), "--resume", "--cache", str(tmp_path)])
     assert other.exit_code == 2 and f"the run trains on {cache}, not {tmp_path}; drop --cache" in other.output
+    (run / "best.pt").unlink()
+    (run / "best.prev.pt").unlink(missing_ok=True)
+    with pytest.raises(UserError, match=r"best.pt: no checkpoint yet .*train-reranker --resume"):
+        load_model(run)
 
 
 def test_a_run_recorded_with_a_relative_cache_resumes_from_another_folder(cache, tmp_path, monkeypatch):
@@ -422,10 +426,6 @@ def test_a_run_recorded_with_a_relative_cache_resumes_from_another_folder(cache,
     named = CliRunner().invoke(cli.main, ["train-reranker", "--run", str(run), "--resume", "--cache", str(cache)])
     assert named.exit_code == 0, named.output  # before: "the run trains on <relative>, not <cache>; drop --cache"
     assert json.loads((run / "config.json").read_text())["cache"] == cache.name
-    (run / "best.pt").unlink()
-    (run / "best.prev.pt").unlink(missing_ok=True)
-    with pytest.raises(UserError, match=r"best.pt: no checkpoint yet .*train-reranker --resume"):
-        load_model(run)
 
 
 def test_reranker_size_options_reach_the_run_and_bad_ones_are_one_line(cache, tmp_path):
