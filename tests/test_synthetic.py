@@ -527,10 +527,15 @@ def _running(pgid: int, out: Path) -> list[str]:
 @pytest.mark.parametrize("when", ["while the workers start", "while videos are rendered"])
 def test_ctrl_c_stops_at_once_and_leaves_only_whole_videos(tmp_path, when):
     out = tmp_path / "s"
-    # A session of its own, as a terminal's foreground job: Ctrl-C sends SIGINT to every process of the group.
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "make-synthetic", "--out", str(out), "--videos",
-                             "3000"], env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # A session of its own, as a terminal's foreground job: Ctrl-C sends SIGINT to every process of the group. A suite
+    # started in the background (`make test &`) ignores SIGINT, and exec passes an ignored signal on: not here.
+    background = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "make-synthetic", "--out", str(out), "--videos",
+                                 "3000"], env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, background)
     ready = (lambda: (out / "params.json").is_file()) if when.endswith("start") else (lambda: _mp4s(out))
     deadline = time.monotonic() + 60
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
