@@ -11,7 +11,6 @@ to validate that scaling; `--full` times every size in full.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np

@@ -21,7 +21,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
-import numpy as np
 
 from common import final, header, median_time, random_captions, scratch, table, write_videos
 

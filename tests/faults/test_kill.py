@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 
 from pipeline.cache import DONE, PENDING, FeatureCache
