@@ -1,14 +1,18 @@
-"""bench/synthetic_twins.py's twin separation, against a plain loop over the captions."""
+"""bench/synthetic_twins.py: its twin separation against a plain loop over the captions, and the script on a trained
+run against evaluate."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from reranker.evaluate import EvalConfig, run_evaluate
+from tests.conftest import ROOT, subprocess_env
 
 sys.path.insert(0, str(ROOT / "bench"))
 from synthetic_twins import not_in_split, per_kind_r1, top1_true, twin_separation  # noqa: E402
@@ -72,3 +76,17 @@ def test_not_in_split_names_stray_videos_first_then_stray_captions():
     # a caption-less video the set does not hold, and one the set holds in another split
     assert not_in_split(["v0", "v1", "v9", "v2"], pairs, planned, true, "test") == ["v9", "v2"]
     assert not_in_split(["v0", "v1"], pairs + [("v1", "a green star")], planned, true, "test") == ["v1: 'a green star'"]
+
+
+def test_the_script_on_a_trained_run_agrees_with_evaluate(synthetic_run, tmp_path):
+    data, cache, run = synthetic_run
+    # the test split holds about 12 videos, fewer than --top-k 15: it crashed there, so every video is re-scored
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "synthetic_twins.py"), "--data-root", str(data),
+                          "--cache", str(cache), "--run", str(run), "--top-k", "15"], env=subprocess_env(),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = json.loads(out.stdout.strip().splitlines()[-1])[str(run)]
+    report, _ = run_evaluate(EvalConfig(cache=cache, run=run, top_k=15, out=tmp_path / "eval.json"))
+    assert report["n_videos"] < 15
+    for stage in ("first_stage", "two_stage"):
+        assert table[stage]["all"] == pytest.approx(report[stage]["t2v"]["R@1"]), stage

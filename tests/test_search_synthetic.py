@@ -1,7 +1,7 @@
 """`search` end to end on a trained synthetic run: an exact caption finds its own video first (issue #5).
 
-One small demo run is built once for the module: synthetic videos, the shipped encoder, a reranker
-trained with the default options except its length. The first stage alone, untrained (zero-shot
+The small trained run of conftest's synthetic_run (synthetic videos, the shipped encoder, a reranker trained
+with the default options except its length), built once for the session. The first stage alone, untrained (zero-shot
 cosine of the cached embeddings), is measured on the same queries, so the test shows the trained run
 is what finds the videos, not the encoder's zero-shot ranking.
 """
@@ -18,31 +18,13 @@ from click.testing import CliRunner
 
 import cli
 from pipeline.cache import FeatureCache
-from pipeline.extract import ExtractConfig, run_extract
-from pipeline.synthetic import make_synthetic
 from reranker.search import search
-from reranker.train import TrainConfig, train
 
-VIDEOS = 60  # about 40 train, 8 val, 12 test videos, 3 to 5 captions each
-EPOCHS = 60  # the default 12 is meant for 1000 videos; here an epoch is 3 steps of 10 anchors, so 180 steps
 # Measured on this set (CPU): the first caption of each training video finds its video first 0.97 of the
 # time after training, 0.36 zero-shot (shipped weights d7dd6fe3..., data and training seed 0); with the
 # weaker weights shipped before (985cffa0...) 0.82-0.87 and 0.07-0.18 over data and training seeds 0-2.
 MIN_TRAINED = 0.6
 MIN_GAIN = 0.35
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> tuple[Path, Path, Path]:
-    tmp = tmp_path_factory.mktemp("synthetic_search")
-    data = make_synthetic(tmp / "data", videos=VIDEOS, seed=0)
-    summary = run_extract(ExtractConfig(dataset="synthetic", data_root=data, cache=tmp / "cache.zarr", progress=False))
-    assert summary.videos_done == VIDEOS and not summary.failed
-    # No validation split: at this size it holds about 8 videos, and best.pt chosen on them is an early,
-    # noisy checkpoint (measured: 0.39 of the queries below instead of 0.90); validating every epoch would
-    # also cost more than the training. best.pt is then the epoch with the lowest loss.
-    cfg = TrainConfig(cache=str(summary.cache), run=str(tmp / "run"), epochs=EPOCHS, val_split="")
-    return data, summary.cache, train(cfg, progress=False)
 
 
 def manifest(data: Path) -> list[dict]:
@@ -68,8 +50,8 @@ def zero_shot_top1(cache_path: Path, queries: list[tuple[str, str]]) -> list[str
     return [ids[i] for i in top]
 
 
-def test_exact_captions_find_their_video_first(demo):
-    data, cache, run = demo
+def test_exact_captions_find_their_video_first(synthetic_run):
+    data, cache, run = synthetic_run
     rows = manifest(data)
     holders: dict[str, set[str]] = defaultdict(set)  # a caption may be true of, and written for, several videos
     for r in rows:
@@ -89,8 +71,8 @@ def test_exact_captions_find_their_video_first(demo):
     assert trained - zero_shot >= MIN_GAIN, (trained, zero_shot)
 
 
-def test_cli_search_prints_the_caption_video_first(demo):
-    data, cache, run = demo
+def test_cli_search_prints_the_caption_video_first(synthetic_run):
+    data, cache, run = synthetic_run
     rows = manifest(data)
     # the first training caption (unique to its video) that the trained run ranks its video first for; most
     # are (test above), and which one can change with the device's arithmetic (bf16 on CUDA)
