@@ -156,7 +156,7 @@ def load_model(run: Path, which: str = "best") -> tuple[CrossTVR, dict]:
 
 def _other_version(path: Path, detail: str) -> UserError:
     return UserError(f"{path}: made by another version of crosstvr's model ({detail[:160]}); "
-                     "retrain with train-reranker (without --resume) or use the version that wrote it")
+                     "train again into a new --run or use the version that wrote it")
 
 
 def _restore(model: CrossTVR, weights: dict, path: Path) -> None:
