@@ -280,6 +280,26 @@ def _foreign_group(path: Path) -> bool:
     return isinstance(meta, dict) and "schema_version" not in (meta.get("attributes") or {})
 
 
+def _no_cache_here(path: Path) -> str:
+    """The refusal of a --cache folder without a cache's zarr.json. A train-reranker run folder (--run and --cache
+    swapped) is named as one, with the cache it was trained on: "run extract first" is no fix for it."""
+    try:
+        trained_on = json.loads((path / "config.json").read_text(encoding="utf-8"))["cache"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path}: no feature cache here; run `python cli.py extract` first or pass --cache DIR"
+    return (f"{path}: a train-reranker run folder, not a feature cache; pass --cache a cache folder (this run was "
+            f"trained on {trained_on})")
+
+
+def _node_type(path: Path) -> str | None:
+    """The node_type its zarr.json records ("group", "array"), or None when that does not read."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("node_type") if isinstance(meta, dict) else None
+
+
 class FeatureCache:
     """One opened cache group: the only code that knows the array names."""
 
@@ -287,7 +307,12 @@ class FeatureCache:
         self.path = Path(path)
         check_cache_folder(self.path)
         if not (self.path / "zarr.json").is_file():
-            raise UserError(f"{self.path}: no feature cache here; run `python cli.py extract` first or pass --cache DIR")
+            raise UserError(_no_cache_here(self.path))
+        if _node_type(self.path) == "array":  # zarr would say "an array already exists", read here as damage
+            above = self.path.parent
+            raise UserError(f"{self.path}: one array of a cache, not a cache; pass --cache the folder above it ({above})"
+                            if (above / "zarr.json").is_file() else
+                            f"{self.path}: a Zarr array, not a feature cache; pass --cache a folder extract wrote")
         store = DurableStore(self.path, read_only=(mode == "r"))
         try:
             self.group = zarr.open_group(store, mode="r" if mode == "r" else "r+")

@@ -165,6 +165,25 @@ def test_a_cache_that_is_a_file_is_one_line_in_every_command(tmp_path, monkeypat
                              "pass --cache a folder path (e.g. cache/x.zarr)\n")
 
 
+@pytest.mark.parametrize("command, extra", [
+    ("info", []), ("export-h5", ["--out", "x.h5"]), ("train-reranker", ["--run", "run"]),
+    ("evaluate", ["--run", "run"]), ("search", ["a red circle", "--run", "run"]),
+])
+def test_a_run_or_an_array_given_as_cache_is_named_as_such_in_every_command(tmp_path, monkeypatch, command, extra):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "trained").mkdir()  # --run and --cache swapped: "run extract first" was no fix for it
+    (tmp_path / "trained" / "config.json").write_text(json.dumps({"cache": "cache/x.zarr"}))
+    result = CliRunner().invoke(cli.main, [command, *extra, "--cache", "trained"])
+    assert result.exit_code == 2, result.output
+    assert result.output == ("error: trained: a train-reranker run folder, not a feature cache; pass --cache a cache "
+                             "folder (this run was trained on cache/x.zarr)\n")
+    make_feature_cache(tmp_path / "c.zarr", {"test": 2})  # one of its arrays: it was "cache metadata is damaged"
+    result = CliRunner().invoke(cli.main, [command, *extra, "--cache", "c.zarr/video_ids"])
+    assert result.exit_code == 2, result.output
+    assert result.output == ("error: c.zarr/video_ids: one array of a cache, not a cache; pass --cache the folder "
+                             "above it (c.zarr)\n")
+
+
 @pytest.mark.parametrize("raised, code, says", [
     (PermissionError(13, "Permission denied", "/data/features.h5"), 2,
      "error: /data/features.h5: Permission denied; check that path"),
