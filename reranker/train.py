@@ -422,6 +422,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     elif kept_checkpoint(run / "last.pt") is not None:
         raise UserError(f"{run}: a run is already there; pass --resume to continue it or another --run")
     cache = FeatureCache(Path(cfg.cache))
+    if not resume and run.resolve().is_relative_to(cache.path.resolve()):  # e.g. the cache given as --run
+        raise UserError(f"{run}: lies inside the cache {cache.path}, and `extract --overwrite` would delete the run "
+                        "with it; pass --run a folder outside it")
     feats = SplitFeatures.open(cache, cfg.split, cfg.allow_partial)
     val, no_val = None, f"no '{cfg.val_split}' split in {cache.path}" if cfg.val_split else "validation off"
     if cfg.val_split and cfg.val_split in set(cache.video_split().tolist()):

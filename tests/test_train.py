@@ -409,6 +409,21 @@ def test_cli_refusals_are_one_line(cache, tmp_path):
         load_model(run)
 
 
+def test_a_run_inside_its_cache_is_refused_before_it_writes(cache, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import cli
+
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in cache.iterdir())
+    for run in ("c.zarr", "c.zarr/run"):  # the cache given as --run too: training wrote its run into the cache
+        result = CliRunner().invoke(cli.main, ["train-reranker", "--cache", "c.zarr", "--run", run, "--epochs", "1"])
+        assert result.exit_code == 2 and result.output == (f"error: {run}: lies inside the cache c.zarr, and `extract "
+                                                           "--overwrite` would delete the run with it; pass --run a "
+                                                           "folder outside it\n"), result.output
+    assert sorted(p.name for p in cache.iterdir()) == before
+
+
 def test_a_run_recorded_with_a_relative_cache_resumes_from_another_folder(cache, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
