@@ -150,7 +150,12 @@ class SplitFeatures:
         text_done = np.repeat(chunks_done, cache.text_chunk)[: cache.n_texts]
         texts = np.flatnonzero((position[text_video_all] >= 0) & text_done)
         if len(videos) == 0 or len(texts) == 0:
-            raise UserError(f"{cache.path}: split '{split}' has no extracted videos with captions; run `extract` first")
+            what = f"split '{split}'" if split else "the cache"  # split None (search): every video
+            if len(failed) == len(in_split):  # extract has run: running it again as it is would fail them again
+                raise UserError(f"{cache.path}: {what} has no extracted videos with captions: all {len(failed)} of "
+                                f"its videos failed extraction (`python cli.py info --cache {cache.path}` lists why); "
+                                "fix or replace those files, then run your extract command again")
+            raise UserError(f"{cache.path}: {what} has no extracted videos with captions; run `extract` first")
         return cls(cache, split, videos, texts, position[text_video_all[texts]], _read(cache["frame_mask"], videos),
                    _read(cache["text_lengths"], texts), len(failed), n_failed_texts)
 

@@ -180,6 +180,24 @@ def test_videos_that_failed_extraction_are_counted_where_the_metrics_are(trained
     assert result.exit_code == 0 and "test: 8 videos (2 more failed extraction: left out), 24 captions" in result.output
 
 
+def test_a_split_whose_videos_all_failed_says_so_in_every_command(trained, tmp_path):
+    tmp, cache, run = trained
+    broken = tmp_path / "c.zarr"
+    shutil.copytree(cache, broken)
+    c = FeatureCache(broken)
+    for i in range(c.n_videos):
+        c.write_failure(i, "moov atom not found")
+    says = (f"error: {broken}: split 'test' has no extracted videos with captions: all 10 of its videos failed "
+            f"extraction (`python cli.py info --cache {broken}` lists why); fix or replace those files, then run your "
+            "extract command again\n")  # it said "run `extract` first", which had run
+    for command in (["evaluate", "--run", str(run)], ["evaluate", "--zero-shot"],
+                    ["train-reranker", "--split", "test", "--run", str(tmp_path / "r")]):
+        result = CliRunner().invoke(cli.main, [*command, "--cache", str(broken)])
+        assert result.exit_code == 2 and result.output == says, result.output
+    result = CliRunner().invoke(cli.main, ["search", "a red circle", "--run", str(run), "--cache", str(broken)])
+    assert result.exit_code == 2 and result.output == says.replace("split 'test'", "the cache").replace("10", "22")
+
+
 def test_refusals(trained, tmp_path):
     tmp, cache, run = trained
     model, _ = load_model(run)
