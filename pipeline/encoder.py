@@ -92,6 +92,15 @@ class EncoderInfo:
     context_length: int
 
 
+class WeightsNotLoaded(UserError):
+    """Pretrained weights that did not load (a tag without network access, say); reason: open_clip's why, in short.
+    Its message's fix names extract's --pretrained: a command without that option says its own."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def _no_clip_text(model_name: str) -> UserError:
     """The refusal for a text tower that is not open_clip's own transformer with the CLIP tokenizer."""
     return UserError(
@@ -162,9 +171,9 @@ def _load_model(model_name: str, pretrained: str | None):
             reason += f"{sep}{detail[:120]}{'...' if len(detail) > 120 else ''}" if detail else ""
             raise UserError(f"{pretrained}: not a checkpoint open_clip can load for {model_name} ({reason}); "
                             "pass a .pt/.safetensors checkpoint of that model or a --pretrained tag") from None
-        raise UserError(
+        raise WeightsNotLoaded(
             f"could not load pretrained weights '{pretrained}' for {model_name} ({reason}); without network access "
-            f"pass a local checkpoint: --pretrained /path/to/{model_name}.safetensors (or .bin/.pt)"
+            f"pass a local checkpoint: --pretrained /path/to/{model_name}.safetensors (or .bin/.pt)", reason
         ) from None
     return model
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import FeatureCache
-from pipeline.encoder import FrozenEncoder, autocast, default_device, shipped_weights
+from pipeline.encoder import FrozenEncoder, WeightsNotLoaded, autocast, default_device, shipped_weights
 from pipeline.errors import UserError
 from pipeline.files import file_sha256
 from reranker.data import SplitFeatures, to_device
@@ -43,8 +43,13 @@ def query_encoder(cache: FeatureCache) -> FrozenEncoder:
                             "path is from the folder extract ran in); put them back, or run from that folder")
         weights = str(shipped)  # the shipped weights of a moved or re-cloned checkout: the same bytes
     # The query's text tokens must come from the block the cache's did; caches older than text_layer stored the last.
-    encoder = FrozenEncoder(a["model"], weights, patch_layer=a["patch_layer"],
-                            text_layer=a.get("text_layer", -1), max_text_tokens=a["max_text_tokens"])
+    try:
+        encoder = FrozenEncoder(a["model"], weights, patch_layer=a["patch_layer"],
+                                text_layer=a.get("text_layer", -1), max_text_tokens=a["max_text_tokens"])
+    except WeightsNotLoaded as e:  # its fix is extract's --pretrained, which search has not: these weights or none
+        raise UserError(f"{cache.path}: built with the encoder weights '{weights}', which did not load here to encode "
+                        f"the query ({e.reason}); run search where open_clip can download them or has them cached"
+                        ) from None
     if encoder.info.pretrained_sha256 != a["pretrained_sha256"]:
         raise UserError(f"{encoder.info.pretrained}: checkpoint differs from the one {cache.path} was built with "
                         f"({a['pretrained']}); put those weights back at that path, or rebuild the cache")

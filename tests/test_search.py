@@ -86,3 +86,25 @@ def test_weights_that_are_gone_are_named_and_a_relative_path_is_recorded_whole(s
     weights.unlink()  # not the shipped weights' bytes: nothing may stand in for them
     with pytest.raises(UserError, match=f"{weights.resolve()}: the encoder weights .* are not there"):
         search(cache, run, "anything")
+
+
+def test_weights_of_a_tag_that_do_not_load_give_a_fix_search_has(setup, tmp_path, monkeypatch):
+    import open_clip
+
+    cache, _, _ = setup
+    tagged = tmp_path / "tagged.zarr"
+    shutil.copytree(cache, tagged)  # as extract with --pretrained <tag> records it: a name, no checksum
+    FeatureCache(tagged, mode="r+").group.attrs.update({"pretrained": "openai", "pretrained_sha256": ""})
+    run = train(TrainConfig(cache=str(tagged), run=str(tmp_path / "tagged_run"), split="test", val_split="", epochs=1,
+                            batch_size=2, hard_negatives=1, neighbour_negatives=0, dim=32, heads=2, n_queries=2),
+                progress=False)
+
+    def no_network(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag 'openai'")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", no_network)
+    result = CliRunner().invoke(cli.main, ["search", "a red circle", "--run", str(run), "--cache", str(tagged)])
+    assert result.exit_code == 2  # it said "pass a local checkpoint: --pretrained ...", an option search has not
+    assert result.output == (f"error: {tagged}: built with the encoder weights 'openai', which did not load here to "
+                             "encode the query (Failed to download weights for tag 'openai'); run search where "
+                             "open_clip can download them or has them cached\n"), result.output
