@@ -168,6 +168,10 @@ def test_random_weights_warn_loudly(caplog):
     [
         ("No-Such-Model", None, "unknown open_clip model 'No-Such-Model'"),
         (DEFAULT_MODEL, "missing/ckpt.safetensors", "checkpoint file not found"),
+        # a mistyped suffix: it was "could not load pretrained weights ...; without network access pass a local
+        # checkpoint", to one who had passed a local checkpoint
+        (DEFAULT_MODEL, "pipeline/weights/CrossTVR-Tiny.safetensor", "CrossTVR-Tiny.safetensor: checkpoint file not "
+                                                                      "found; pass --pretrained an existing file"),
         (DEFAULT_MODEL, "no-such-tag", "pass a local checkpoint: --pretrained"),
         # Hugging Face text sides, refused from the config before any download
         ("roberta-ViT-B-32", None, "model 'roberta-ViT-B-32' has no CLIP-style text tower"),
