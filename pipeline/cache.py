@@ -270,14 +270,20 @@ def _write_records(group: zarr.Group, records: list[VideoRecord], text_lengths: 
         group["text_lengths"][:] = text_lengths
 
 
-def _foreign_group(path: Path) -> bool:
-    """Whether path holds a Zarr group that something else made: its metadata reads and records no schema_version.
-    Damaged metadata is taken for a cache's (rebuilding is its fix)."""
+def _zarr_meta(path: Path) -> dict:
+    """What path's zarr.json says ({} when it does not read as a JSON object)."""
     try:
         meta = json.loads((path / "zarr.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and "schema_version" not in (meta.get("attributes") or {})
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _foreign_group(path: Path) -> bool:
+    """Whether path holds Zarr metadata that something else made (another tool's group, or one array of a cache): it
+    reads and records no schema_version. Damaged metadata is taken for a cache's (rebuilding is its fix)."""
+    meta = _zarr_meta(path)
+    return bool(meta) and "schema_version" not in (meta.get("attributes") or {})
 
 
 def _no_cache_here(path: Path) -> str:
@@ -291,15 +297,6 @@ def _no_cache_here(path: Path) -> str:
             f"trained on {trained_on})")
 
 
-def _node_type(path: Path) -> str | None:
-    """The node_type its zarr.json records ("group", "array"), or None when that does not read."""
-    try:
-        meta = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return meta.get("node_type") if isinstance(meta, dict) else None
-
-
 class FeatureCache:
     """One opened cache group: the only code that knows the array names."""
 
@@ -308,7 +305,8 @@ class FeatureCache:
         check_cache_folder(self.path)
         if not (self.path / "zarr.json").is_file():
             raise UserError(_no_cache_here(self.path))
-        if _node_type(self.path) == "array":  # zarr would say "an array already exists", read here as damage
+        # one array of a cache: zarr would say "an array already exists", which reads below as damaged metadata
+        if _zarr_meta(self.path).get("node_type") == "array":
             above = self.path.parent
             raise UserError(f"{self.path}: one array of a cache, not a cache; pass --cache the folder above it ({above})"
                             if (above / "zarr.json").is_file() else
