@@ -126,6 +126,18 @@ def run_config(run: Path) -> dict:
     return config
 
 
+def _check_new_run(run: Path) -> None:
+    """Refuse a new run where it would overwrite a config.json or log.jsonl that no run wrote (--run a dataset's
+    folder, say); over a run killed before its first checkpoint (its own config.json) it starts again."""
+    if not (run / "config.json").exists() and not (run / "log.jsonl").exists():
+        return
+    try:
+        run_config(run)
+    except UserError:
+        raise UserError(f"{run}: holds a config.json or log.jsonl that is not a train-reranker run's, which a new run "
+                        "would overwrite; pass --run a new or empty folder") from None
+
+
 def recorded_cache(run: Path, config: dict) -> Path:
     """The cache a run was trained on, as its config.json records it; refused in one line when that is a relative
     path that is not here (it is relative to the folder training ran in, as `make demo` records it)."""
@@ -421,6 +433,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
         cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
     elif kept_checkpoint(run / "last.pt") is not None:
         raise UserError(f"{run}: a run is already there; pass --resume to continue it or another --run")
+    else:
+        _check_new_run(run)
     cache = FeatureCache(Path(cfg.cache))
     if not resume and run.resolve().is_relative_to(cache.path.resolve()):  # e.g. the cache given as --run
         raise UserError(f"{run}: lies inside the cache {cache.path}, and `extract --overwrite` would delete the run "

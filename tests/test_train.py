@@ -409,6 +409,22 @@ def test_cli_refusals_are_one_line(cache, tmp_path):
         load_model(run)
 
 
+def test_a_new_run_never_overwrites_files_no_run_wrote(cache, tmp_path):
+    theirs = tmp_path / "experiment"
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"model": "bert-base", "lr": 3e-5}')  # another program's: it was overwritten
+    with pytest.raises(UserError, match=r"experiment: holds a config.json or log.jsonl that is not a train-reranker "
+                                        r"run's, which a new run would overwrite; pass --run a new or empty folder"):
+        train(_cfg(cache, theirs), progress=False)
+    assert (theirs / "config.json").read_text() == '{"model": "bert-base", "lr": 3e-5}'
+    assert sorted(p.name for p in theirs.iterdir()) == ["config.json"]
+    run = train(_cfg(cache, tmp_path / "run"), progress=False)
+    for name in ("last.pt", "last.prev.pt", "best.pt", "best.prev.pt"):  # killed before its first checkpoint
+        (run / name).unlink(missing_ok=True)
+    assert train(_cfg(cache, run), progress=False) == run  # its own config.json: started again
+    assert (run / "last.pt").is_file()
+
+
 def test_a_run_inside_its_cache_is_refused_before_it_writes(cache, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
