@@ -388,6 +388,13 @@ class FeatureCache:
             )
         return cache
 
+    def check_outside(self, path: Path, option: str) -> None:
+        """Refuse an output path inside the cache's folder (a run, a report, an export): `extract --overwrite`
+        would delete it with the cache."""
+        if Path(path).resolve().is_relative_to(self.path.resolve()):
+            raise UserError(f"{path}: lies inside the cache {self.path}, and `extract --overwrite` would delete it "
+                            f"with the cache; pass {option} a path outside it")
+
     # -- shapes and metadata ------------------------------------------------------------------
     def __getitem__(self, name: str) -> zarr.Array:
         return self._arrays[name] if name in self._arrays else self.group[name]

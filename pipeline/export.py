@@ -31,8 +31,7 @@ def export_h5(cache: FeatureCache, out: Path, progress: bool = True) -> Path:
     check_output_path(out, "--out", folder=False)
     if not out.parent.is_dir():
         raise UserError(f"{out}: its folder does not exist; pass --out a file path in an existing folder")
-    if out.resolve().is_relative_to(cache.path.resolve()):
-        raise UserError(f"{out}: lies inside the cache {cache.path}, which it would damage; pass --out a path outside it")
+    cache.check_outside(out, "--out")
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"{out}: its folder is not writable; pass --out a file path in a folder you can write to")
     names = sorted(name for name, _ in cache.group.arrays())

@@ -199,8 +199,10 @@ def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
     name = f"eval_{cfg.split}{suffix}.json"
     out = Path(cfg.out) if cfg.out else (Path(cfg.run) if cfg.run else Path(cfg.cache).parent) / name
     check_output_path(out, "--out", folder=False)  # before the work, not after it
+    cache.check_outside(out, "--out")
     if cfg.save_sims:
         check_output_path(Path(cfg.save_sims), "--save-sims", folder=True)
+        cache.check_outside(cfg.save_sims, "--save-sims")
     # As training's validation does: a split smaller than --top-k has all its videos re-scored.
     if feats.n_videos < cfg.top_k and not cfg.zero_shot:
         log.info("--top-k %d > %d videos in '%s': reranking all %d", cfg.top_k, feats.n_videos, cfg.split,

@@ -436,9 +436,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     else:
         _check_new_run(run)
     cache = FeatureCache(Path(cfg.cache))
-    if not resume and run.resolve().is_relative_to(cache.path.resolve()):  # e.g. the cache given as --run
-        raise UserError(f"{run}: lies inside the cache {cache.path}, and `extract --overwrite` would delete the run "
-                        "with it; pass --run a folder outside it")
+    if not resume:
+        cache.check_outside(run, "--run")  # the cache given as --run, say
     feats = SplitFeatures.open(cache, cfg.split, cfg.allow_partial)
     val, no_val = None, f"no '{cfg.val_split}' split in {cache.path}" if cfg.val_split else "validation off"
     if cfg.val_split and cfg.val_split in set(cache.video_split().tolist()):

@@ -263,6 +263,11 @@ def test_cli_refuses_bad_paths_in_one_line_before_the_work(trained, tmp_path, mo
         (["--out", str(tmp_path)], f"{tmp_path}: is a folder; pass --out a file path"),
         (["--out", str(a_file / "m.json")], f"{a_file} is a file, not a folder; pass --out a file path in a folder"),
         (["--save-sims", str(a_file)], f"{a_file}: is a file; pass --save-sims a folder path"),
+        # in the cache's folder, where `extract --overwrite` deletes them: written there before
+        (["--out", str(cache / "m.json")], f"{cache / 'm.json'}: lies inside the cache {cache}, and `extract "
+                                           "--overwrite` would delete it with the cache; pass --out a path outside it"),
+        (["--save-sims", str(cache / "sims")], f"{cache / 'sims'}: lies inside the cache {cache}, and `extract "
+                                               "--overwrite` would delete it with the cache; pass --save-sims a path"),
     ):
         result = CliRunner().invoke(cli.main, base + extra)
         assert result.exit_code == 2 and result.output.count("\n") == 1 and says in result.output, result.output

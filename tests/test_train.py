@@ -435,8 +435,8 @@ def test_a_run_inside_its_cache_is_refused_before_it_writes(cache, tmp_path, mon
     for run in ("c.zarr", "c.zarr/run"):  # the cache given as --run too: training wrote its run into the cache
         result = CliRunner().invoke(cli.main, ["train-reranker", "--cache", "c.zarr", "--run", run, "--epochs", "1"])
         assert result.exit_code == 2 and result.output == (f"error: {run}: lies inside the cache c.zarr, and `extract "
-                                                           "--overwrite` would delete the run with it; pass --run a "
-                                                           "folder outside it\n"), result.output
+                                                           "--overwrite` would delete it with the cache; pass --run a "
+                                                           "path outside it\n"), result.output
     assert sorted(p.name for p in cache.iterdir()) == before
 
 
