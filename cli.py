@@ -341,12 +341,14 @@ def evaluate(cache, run, split, top_k, out, save_sims, zero_shot, checkpoint) ->
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Videos to print.")
 @click.option("--top-k", type=click.IntRange(min=1), default=15, show_default=True,
               help="Candidates re-scored by the reranker.")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="The run's best.pt (by validation) or last.pt (the final epoch).")
 @_friendly
-def search(query, cache, run, top, top_k) -> None:
+def search(query, cache, run, top, top_k, checkpoint) -> None:
     """Rank the cached videos for a text QUERY with both stages."""
     from reranker.search import search as run_search
 
-    hits = run_search(_resolve_cache(cache, run), run, query, top=top, top_k=top_k)
+    hits = run_search(_resolve_cache(cache, run), run, query, top=top, top_k=top_k, checkpoint=checkpoint)
     click.echo(f"{'rank':>4}  {'final':>8}  {'cosine':>7}  video")
     for rank, hit in enumerate(hits, 1):
         final = f"{hit.final:8.3f}" if hit.final is not None else f"{'-':>8}"

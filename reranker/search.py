@@ -57,12 +57,14 @@ def query_encoder(cache: FeatureCache) -> FrozenEncoder:
 
 
 @torch.no_grad()
-def search(cache_path: Path, run: Path, query: str, top: int = 10, top_k: int = 15) -> list[Hit]:
-    """Rank every extracted video of the cache for a text query: first stage, then top-K re-scored."""
+def search(cache_path: Path, run: Path, query: str, top: int = 10, top_k: int = 15, checkpoint: str = "best"
+           ) -> list[Hit]:
+    """Rank every extracted video of the cache for a text query: first stage, then top-K re-scored by the run's
+    best.pt or last.pt (checkpoint 'best' or 'last')."""
     if not query.strip():
         raise UserError("search: the query is empty; pass the text to search for, e.g. \"a red circle moves left\"")
     cache = FeatureCache(cache_path)
-    model, state = load_model(run)
+    model, state = load_model(run, checkpoint)
     check_compatible(state["cache_signature"], cache, run, "search a cache made with the same model and settings "
                      "(without --cache: the one it was trained on)")
     feats = SplitFeatures.open(cache, None, allow_partial=True)

@@ -109,7 +109,7 @@ def split_signature(feats: SplitFeatures) -> dict:
 # save_checkpoint (atomic, the one before kept as .prev.pt) lives in pipeline.files, shared with pretrain-tiny.
 def load_checkpoint(path: Path) -> dict:
     """pipeline.files.load_checkpoint, refusing in the words of a run folder."""
-    other = "evaluate --checkpoint last reads last.pt, or " if path.name == "best.pt" else ""
+    other = "--checkpoint last (evaluate, search) reads last.pt, or " if path.name == "best.pt" else ""
     return files.load_checkpoint(path, f"{other}train again into a new --run")
 
 

@@ -317,7 +317,7 @@ def test_a_run_names_its_relative_cache_from_another_folder(trained, tmp_path, m
     (moved / "best.pt").write_bytes(b"torn")
     (moved / "best.prev.pt").unlink(missing_ok=True)
     torn = CliRunner().invoke(cli.main, ["evaluate", "--run", str(moved), "--cache", str(cache)])
-    assert torn.exit_code == 2 and "evaluate --checkpoint last reads last.pt" in torn.output, torn.output
+    assert torn.exit_code == 2 and "--checkpoint last (evaluate, search) reads last.pt" in torn.output, torn.output
 
 
 def test_a_run_and_a_cache_have_the_same_weights_by_content_wherever_they_lie():

@@ -108,3 +108,16 @@ def test_weights_of_a_tag_that_do_not_load_give_a_fix_search_has(setup, tmp_path
     assert result.output == (f"error: {tagged}: built with the encoder weights 'openai', which did not load here to "
                              "encode the query (Failed to download weights for tag 'openai'); run search where "
                              "open_clip can download them or has them cached\n"), result.output
+
+
+def test_checkpoint_last_searches_with_last_pt(setup):
+    cache, run, _ = setup
+    args = ["search", "clip number 3", "--cache", str(cache), "--run", str(run), "--top", "3"]
+    before = CliRunner().invoke(cli.main, args)
+    assert before.exit_code == 0, before.output
+    (run / "best.pt").write_bytes(b"torn")  # and no best.prev.pt: its advice named an option search did not have
+    (run / "best.prev.pt").unlink(missing_ok=True)
+    torn = CliRunner().invoke(cli.main, args)
+    assert torn.exit_code == 2 and "--checkpoint last (evaluate, search) reads last.pt" in torn.output, torn.output
+    last = CliRunner().invoke(cli.main, args + ["--checkpoint", "last"])
+    assert last.exit_code == 0 and last.output == before.output, last.output  # one epoch: best.pt held last's weights

@@ -163,7 +163,7 @@ def test_damaged_checkpoint_falls_back_to_previous(tmp_path, caplog, damage):
 
 def test_an_unloadable_checkpoint_says_what_to_do_in_one_sentence(tmp_path):
     for name, fix in (("last.pt", "; train again into a new --run"),
-                      ("best.pt", "; evaluate --checkpoint last reads last.pt, or train again into a new --run")):
+                      ("best.pt", "; --checkpoint last (evaluate, search) reads last.pt, or train again into a new --run")):
         (tmp_path / name).write_bytes(b"not a checkpoint")  # and no .prev.pt to fall back to
         with pytest.raises(UserError) as e:
             load_checkpoint(tmp_path / name)
