@@ -143,8 +143,8 @@ def _load_model(model_name: str, pretrained: str | None):
     if open_clip.get_model_config(model_name)["text_cfg"].get("hf_tokenizer_name"):
         raise _no_clip_text(model_name)
     # a path (open_clip's tags hold no "/") or a checkpoint's file name: a typo in it is not a tag to download
-    looks_like_a_file = "/" in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") \
-        if pretrained else False
+    looks_like_a_file = bool(pretrained) and ("/" in pretrained
+                                              or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"))
     if looks_like_a_file and not Path(pretrained).is_file():
         raise UserError(f"{pretrained}: checkpoint file not found; pass --pretrained an existing file or an open_clip tag")
     if pretrained and not Path(pretrained).is_file():
