@@ -41,7 +41,7 @@ from zarr.storage import LocalStore
 
 from pipeline import __version__
 from pipeline.errors import UserError, first_line
-from pipeline.files import file_sha256
+from pipeline.files import file_sha256, held_lock
 from pipeline.records import VideoRecord
 
 SCHEMA_VERSION = 1
@@ -199,21 +199,15 @@ def cache_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-@contextlib.contextmanager
-def run_lock(path: Path, exclusive: bool) -> Iterator[None]:
+def run_lock(path: Path, exclusive: bool) -> contextlib.AbstractContextManager:
     """Held for a whole extract run, taken without waiting: shared by plain and shard runs, exclusive for
     --overwrite and --repair, which delete or reset what another run is writing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".run.lock"), "w") as f:
-        try:
-            fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"{path}: another extract is running on this cache, and --overwrite and --repair change what it "
-                "writes; wait for it to finish or stop it, then run this again" if exclusive else
-                f"{path}: an extract --overwrite or --repair is running on this cache; wait for it to finish, "
-                "then run this again") from None
-        yield
+    busy = (f"{path}: another extract is running on this cache, and --overwrite and --repair change what it writes; "
+            "wait for it to finish or stop it, then run this again" if exclusive else
+            f"{path}: an extract --overwrite or --repair is running on this cache; wait for it to finish, then run this "
+            "again")
+    return held_lock(path.with_name(path.name + ".run.lock"), exclusive, busy)
 
 
 def _create_arrays(group: zarr.Group, spec: CacheSpec, records: list[VideoRecord], text_lengths: np.ndarray) -> None:

@@ -4,6 +4,7 @@ pretrain-tiny's checkpoints)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -35,6 +36,19 @@ def written_atomically(path: Path, tmp_name: str = ".{}.part") -> Iterator[Path]
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, exclusive: bool, busy: str) -> Iterator[None]:
+    """An flock on the file at path (made if need be) for the with block, taken without waiting: UserError(busy) when
+    another process holds it (at all, for an exclusive one; exclusively, for a shared one). The kernel releases it
+    when the process ends, however it ends, so a killed run never leaves a stale lock."""
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(busy) from None
+        yield
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

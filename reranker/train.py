@@ -9,7 +9,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
@@ -22,7 +22,7 @@ from pipeline import files
 from pipeline.cache import FeatureCache, first_mismatch
 from pipeline.encoder import autocast, default_device
 from pipeline.errors import UserError, first_line
-from pipeline.files import check_output_path, kept_checkpoint, save_checkpoint, write_text_atomic
+from pipeline.files import check_output_path, held_lock, kept_checkpoint, save_checkpoint, write_text_atomic
 from reranker.data import RERANKER_TEXT_ARRAYS, SplitFeatures, to_device
 from reranker.model import CrossTVR, ModelConfig
 
@@ -405,11 +405,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     ranks; rank 0 alone validates and writes the log and checkpoints. One seed gives the same weights on any run
     with the same thread count (see deterministic).
     """
-    with deterministic():
-        return _train(cfg, resume, progress)
+    with deterministic(), ExitStack() as held:
+        return _train(cfg, resume, progress, held)
 
 
-def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
+def _train(cfg: TrainConfig, resume: bool, progress: bool, held: ExitStack) -> Path:
+    """train's work; `held` keeps the run folder's lock until it returns."""
     from reranker.evaluate import evaluate_split
 
     device = default_device()
@@ -483,6 +484,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     signatures = {"cache_signature": cache_signature(cache), "split": split_signature(feats)}  # kept in checkpoints
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
+        # one trainer a run folder: two would write one log and alternate checkpoints (the same command started twice)
+        held.enter_context(held_lock(run / ".lock", True, f"{run}: another train-reranker is training in this run "
+                                     "folder; wait for it to finish, or pass another --run"))
     if resume:
         state = load_checkpoint(run / "last.pt")
         started = state.get("world", world)  # runs older than it do not record it

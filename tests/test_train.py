@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import re
@@ -423,6 +424,23 @@ def test_a_new_run_never_overwrites_files_no_run_wrote(cache, tmp_path):
         (run / name).unlink(missing_ok=True)
     assert train(_cfg(cache, run), progress=False) == run  # its own config.json: started again
     assert (run / "last.pt").is_file()
+
+
+def test_one_trainer_a_run_folder(cache, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "w") as held:  # what a running train-reranker holds for its whole run
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match=r"run: another train-reranker is training in this run folder; wait for it "
+                                            r"to finish, or pass another --run"):
+            train(_cfg(cache, run), progress=False)
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # refused before it wrote
+    first = train(_cfg(cache, run), progress=False)
+    with open(run / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match="another train-reranker is training in this run folder"):
+            train(TrainConfig(run=str(run)), resume=True, progress=False)
+    assert first == run and (run / "last.pt").is_file()
 
 
 def test_a_run_inside_its_cache_is_refused_before_it_writes(cache, tmp_path, monkeypatch):
