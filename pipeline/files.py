@@ -43,7 +43,7 @@ def held_lock(path: Path, exclusive: bool, busy: str) -> Iterator[None]:
     """An flock on the file at path (made if need be) for the with block, taken without waiting: UserError(busy) when
     another process holds it (at all, for an exclusive one; exclusively, for a shared one). The kernel releases it
     when the process ends, however it ends, so a killed run never leaves a stale lock."""
-    with open(path, "w") as f:
+    with open(path, "a") as f:  # not "w": a refused run leaves the file as it was, its time included
         try:
             fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:

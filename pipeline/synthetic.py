@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from pipeline.datasets.common import read_csv
 from pipeline.errors import UserError
-from pipeline.files import write_text_atomic
+from pipeline.files import held_lock, write_text_atomic
 from pipeline.ffmpeg import ffmpeg_exe
 
 log = logging.getLogger(__name__)
@@ -764,6 +764,9 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
+LOCK = ".lock"  # in out/, held by the make-synthetic writing it
+
+
 def set_state(out: Path) -> str:
     """What out/ holds: 'empty' (nothing, or no folder yet), 'finished' (params.json and manifest.csv), 'unfinished'
     (params.json only: a run was killed) or 'other' (a file, or files that make-synthetic did not write)."""
@@ -774,8 +777,8 @@ def set_state(out: Path) -> str:
         return "other"
     if (out / "params.json").is_file():
         return "finished" if (out / "manifest.csv").is_file() else "unfinished"
-    # A run killed while writing params.json leaves only its temporary file.
-    return "other" if any(p.name != ".params.json.part" for p in out.iterdir()) else "empty"
+    # A run killed while writing params.json leaves only its temporary file (and its lock).
+    return "other" if any(p.name not in (".params.json.part", LOCK) for p in out.iterdir()) else "empty"
 
 
 OPTIONS = {"format": "format", "videos": "--videos", "seed": "--seed", "size": "--size", "seconds": "--seconds",
@@ -793,15 +796,20 @@ def recorded_params(out: Path) -> dict | None:
     return old
 
 
+def _refuse_other(out: Path) -> None:
+    """Someone else's files (their own manifest.csv, say) are never written over, nor written beside."""
+    if set_state(out) == "other":
+        what = "holds files but no params.json, so it is not a synthetic set made by make-synthetic" if out.is_dir() \
+            else "is a file, not a folder"
+        raise UserError(f"{out}: {what}; choose another --out (a new or empty folder)")
+
+
 def _prepare(out: Path, params: dict, planned: Sequence[str], overwrite: bool) -> None:
     """Make out/ hold the planned videos of these params only: a set made with others is refused unless overwrite,
     and then its stale videos are removed before anything is written."""
     videos = out / "videos"
     params_path = out / "params.json"
-    if set_state(out) == "other":  # someone else's files (their own manifest.csv, say): never written over
-        what = "holds files but no params.json, so it is not a synthetic set made by make-synthetic" if out.is_dir() \
-            else "is a file, not a folder"
-        raise UserError(f"{out}: {what}; choose another --out (a new or empty folder)")
+    _refuse_other(out)
     old, new = recorded_params(out), {"clutter": 0, **params}
     differ = [k for k in OPTIONS if old is not None and old.get(k, new[k]) != new[k]]
     if differ and not overwrite:  # re-rendering it would leave every cache extracted from it stale
@@ -856,31 +864,37 @@ def make_synthetic(
     if clutter:  # only then, as before clutter existed
         params["clutter"] = clutter
     planned = plan(videos, seed, clutter)
-    _prepare(out, params, [p.video for p in planned], overwrite)
-    todo = [p for p in planned if not (out / p.video).is_file()]
-    if todo:
-        # A manifest next to missing videos would read as a finished set.
-        (out / "manifest.csv").unlink(missing_ok=True)
-    log.info("%s: %d synthetic videos (%d to render, %d already there)", out, videos, len(todo), videos - len(todo))
-    tasks = [(p.scene, str(out / p.video), size, n_frames, fps) for p in todo]
-    workers = max(1, min(workers or _cpus(), len(tasks) or 1))
-    _render_all(tasks, workers)
+    _refuse_other(out)  # before the lock file goes into out/
+    out.mkdir(parents=True, exist_ok=True)
+    # one writer a set: two would share each video's .part file, and one's clean-up deletes the other's
+    with held_lock(out / LOCK, True, f"{out}: another make-synthetic is writing this set; wait for it to finish, or "
+                   "choose another --out"):
+        _prepare(out, params, [p.video for p in planned], overwrite)
+        todo = [p for p in planned if not (out / p.video).is_file()]
+        if todo:
+            # A manifest next to missing videos would read as a finished set.
+            (out / "manifest.csv").unlink(missing_ok=True)
+        log.info("%s: %d synthetic videos (%d to render, %d already there)", out, videos, len(todo),
+                 videos - len(todo))
+        tasks = [(p.scene, str(out / p.video), size, n_frames, fps) for p in todo]
+        workers = max(1, min(workers or _cpus(), len(tasks) or 1))
+        _render_all(tasks, workers)
 
-    lines = [
-        json.dumps({
-            "video": p.video, "group": p.group, "twin_kind": p.twin_kind, "twin_of": p.twin_of,
-            "split": p.split, "description": describe(p.scene), "scene": p.scene.to_json(),
-        })
-        for p in planned
-    ]
-    write_text_atomic(out / "scenes.jsonl", "\n".join(lines) + "\n")
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["video", "caption", "split"])
-    for p in planned:
-        for caption in p.captions:
-            writer.writerow([p.video, caption, p.split])
-    write_text_atomic(out / "manifest.csv", buf.getvalue())  # last: its presence means the set is complete
+        lines = [
+            json.dumps({
+                "video": p.video, "group": p.group, "twin_kind": p.twin_kind, "twin_of": p.twin_of,
+                "split": p.split, "description": describe(p.scene), "scene": p.scene.to_json(),
+            })
+            for p in planned
+        ]
+        write_text_atomic(out / "scenes.jsonl", "\n".join(lines) + "\n")
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["video", "caption", "split"])
+        for p in planned:
+            for caption in p.captions:
+                writer.writerow([p.video, caption, p.split])
+        write_text_atomic(out / "manifest.csv", buf.getvalue())  # last: its presence means the set is complete
     return out
 
 

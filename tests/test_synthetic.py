@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import os
@@ -49,6 +50,7 @@ from pipeline.synthetic import (
     render_video,
     sample_frame_scene,
     scene_facts,
+    set_state,
     true_of,
 )
 from tests.conftest import ROOT, subprocess_env
@@ -472,6 +474,20 @@ def test_resume_after_a_killed_run(tmp_path):
     make_synthetic(root, videos=3, seed=4, size=32, workers=1, overwrite=True)
     assert decode_video(_mp4s(root)[0], 4, 32).frames.shape == (4, 32, 32, 3)
     assert _mp4s(root)[0].read_bytes() != before["v00000.mp4"]
+
+
+def test_one_writer_a_set(tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # what a running make-synthetic holds: it shared each video's .part file
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = CliRunner().invoke(cli.main, ["make-synthetic", "--out", str(out), "--videos", "2"])
+        assert result.exit_code == 2 and result.output == (f"error: {out}: another make-synthetic is writing this set; "
+                                                           "wait for it to finish, or choose another --out\n")
+        assert [p.name for p in out.iterdir()] == [".lock"]  # refused before it wrote
+    # a run killed before its params.json leaves the lock alone: the folder is still an empty one
+    assert set_state(out) == "empty" and make_synthetic(out, videos=2, workers=1) == out
+    assert set_state(out) == "finished"
 
 
 def test_a_set_made_with_other_options_is_refused_unless_overwrite(tmp_path):
