@@ -11,8 +11,13 @@ class UserError(Exception):
 
 
 def first_line(e: BaseException, most: int = 160) -> str:
-    """An exception's first line (its type when it has no message), for one-line errors: at most `most` characters, a
-    cut one ending in "..." (so that a number cut short is not read as a smaller one). Terminal codes are dropped:
+    """An exception's first line (its type when it has no message), for one-line errors, cut to `most` characters as
+    `cut` does. Terminal codes are dropped:
     torch's "Weights only load failed" line turns bold on, and a cut before its reset left the terminal bold."""
-    line = (_TERMINAL_CODE.sub("", str(e)).strip().splitlines() or [type(e).__name__])[0]
+    return cut((_TERMINAL_CODE.sub("", str(e)).strip().splitlines() or [type(e).__name__])[0], most)
+
+
+def cut(line: str, most: int = 160) -> str:
+    """line, at most `most` characters: a cut one ends in "..." (so that a number cut short is not read as a smaller
+    one)."""
     return line if len(line) <= most else line[: most - 3] + "..."

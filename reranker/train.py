@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline import files
 from pipeline.cache import FeatureCache, first_mismatch
 from pipeline.encoder import autocast, default_device
-from pipeline.errors import UserError, first_line
+from pipeline.errors import UserError, cut, first_line
 from pipeline.files import check_output_path, held_lock, kept_checkpoint, save_checkpoint, write_text_atomic
 from reranker.data import RERANKER_TEXT_ARRAYS, SplitFeatures, to_device
 from reranker.model import CrossTVR, ModelConfig
@@ -167,7 +167,7 @@ def load_model(run: Path, which: str = "best") -> tuple[CrossTVR, dict]:
 
 
 def _other_version(path: Path, detail: str) -> UserError:
-    return UserError(f"{path}: made by another version of crosstvr's model ({detail[:160]}); "
+    return UserError(f"{path}: made by another version of crosstvr's model ({cut(detail)}); "
                      "train again into a new --run or use the version that wrote it")
 
 

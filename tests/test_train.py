@@ -210,6 +210,11 @@ def test_checkpoint_of_another_model_version_is_refused_in_one_line(cache, tmp_p
     save_checkpoint(run / "last.pt", {**state, "model_config": {**state["model_config"], "knob": 1}})
     with pytest.raises(UserError, match=r"last.pt: made by another version .*knob"):
         load_model(run, "last")
+    long = "knob_" + "x" * 200  # a long reason is cut visibly, as first_line cuts: it was cut silently at 160
+    save_checkpoint(run / "last.pt", {**state, "model_config": {**state["model_config"], long: 1}})
+    with pytest.raises(UserError) as e:
+        load_model(run, "last")
+    assert re.search(r"model \((.*)\); train again", str(e.value))[1].endswith("x...") and "x" * 200 not in str(e.value)
     save_checkpoint(run / "last.pt", {**state, "model": weights})
     # it said "retrain with train-reranker (without --resume)", which this --run refuses: "a run is already there"
     with pytest.raises(UserError, match=r"last.pt: made by another version .*; train again into a new --run or use"):
