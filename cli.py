@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -65,7 +66,39 @@ def _interrupted(what: str) -> NoReturn:
     sys.exit(130)  # 128 + SIGINT, as a shell reports it
 
 
-@click.group()
+@contextlib.contextmanager
+def _one_line_usage(command: str):
+    """click's own usage errors (a mistyped command or option, a value out of range) as one line like every other
+    refusal, where click prints three: "Usage: ...", "Try ... --help", "Error: ..."."""
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:  # `python cli.py` alone: the help, as click shows it
+        raise
+    except click.UsageError as e:
+        message = " ".join(e.format_message().split())  # click's suggestions come on a line of their own
+        click.echo(f"error: {message} See `{command} --help`.", err=True)
+        sys.exit(e.exit_code)
+
+
+class _Command(click.Command):
+    def make_context(self, info_name, args, parent=None, **extra):  # the command's options
+        with _one_line_usage(f"{parent.command_path} {info_name}" if parent else str(info_name)):
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+
+class _Cli(click.Group):
+    command_class = _Command
+
+    def make_context(self, info_name, args, parent=None, **extra):  # the group's own options
+        with _one_line_usage(str(info_name)):
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def resolve_command(self, ctx, args):  # the command's name
+        with _one_line_usage(ctx.command_path):
+            return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_Cli)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """crosstvr: cached frozen-CLIP features and a CrossTVR reranker for text-video retrieval."""
