@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from pipeline.encoder import DEFAULT_MODEL, WEIGHTS_DIR, register_model_configs
 from pipeline.errors import UserError
-from pipeline.files import (check_output_path, file_sha256, kept_checkpoint, load_checkpoint, previous_checkpoint,
-                            save_checkpoint, write_text_atomic, written_atomically)
+from pipeline.files import (check_output_path, file_sha256, held_lock, kept_checkpoint, load_checkpoint,
+                            previous_checkpoint, save_checkpoint, write_text_atomic, written_atomically)
 from pipeline.synthetic import BACKGROUND, COLOURS, SHAPES, Scene, frame_captions, render_frame, sample_frame_scene
 
 log = logging.getLogger(__name__)
@@ -209,76 +209,82 @@ def pretrain_tiny(
         raise UserError(f"--steps {steps} / --batch-size {batch_size}: need at least 1 step and 2 frames per batch")
     if checkpoint_every < 1:
         raise UserError(f"--checkpoint-every {checkpoint_every}: need at least 1 step between checkpoints")
-    check_output_path(Path(out), "--out", folder=False)  # before the training it would lose
-    ckpt = checkpoint_path(out)
-    # What the bits of the result depend on; a resume with any other value would make other weights.
-    options = {"steps": steps, "batch_size": batch_size, "seed": seed, "lr": lr, "warmup": warmup,
-               "weight_decay": weight_decay, "patch_loss": patch_loss, "threads": threads}
-    state = _resume_state(ckpt, resume, options)
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    model, tokenizer, mean, std = _create(DEFAULT_MODEL)
-    size = int(model.visual.image_size[0])
-    patch = int(model.visual.patch_size[0])
-    width = int(model.visual.class_embedding.shape[-1])
-    head = torch.nn.Linear(width, 1 + len(COLOURS) + 1 + len(SHAPES))  # per-patch colour and shape logits
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n] + [head.weight]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)] + [head.bias]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    out = Path(out)
+    check_output_path(out, "--out", folder=False)  # before the training it would lose
+    out.parent.mkdir(parents=True, exist_ok=True)  # --out's folder may not be there yet
+    # one pretraining an --out: two would alternate one checkpoint and write one file
+    with held_lock(out.with_name(out.name + ".lock"), True, f"{out}: another pretrain-tiny is writing these weights; "
+                   "wait for it to finish, or choose another --out"):
+        ckpt = checkpoint_path(out)
+        # What the bits of the result depend on; a resume with any other value would make other weights.
+        options = {"steps": steps, "batch_size": batch_size, "seed": seed, "lr": lr, "warmup": warmup,
+                   "weight_decay": weight_decay, "patch_loss": patch_loss, "threads": threads}
+        state = _resume_state(ckpt, resume, options)
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        model, tokenizer, mean, std = _create(DEFAULT_MODEL)
+        size = int(model.visual.image_size[0])
+        patch = int(model.visual.patch_size[0])
+        width = int(model.visual.class_embedding.shape[-1])
+        head = torch.nn.Linear(width, 1 + len(COLOURS) + 1 + len(SHAPES))  # per-patch colour and shape logits
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n] + [head.weight]
+        rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)] + [head.bias]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                 {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
-    def schedule(s: int) -> float:  # linear warm-up, then cosine to zero
-        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+        def schedule(s: int) -> float:  # linear warm-up, then cosine to zero
+            if s < warmup:
+                return (s + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    first = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        first = state["step"]
-        log.info("resuming %s at step %d of %d", ckpt, first, steps)
-    model.train()
-    start = time.time()
-    bar = tqdm(range(first, steps), initial=first, total=steps, desc="pretrain", disable=not progress,
-               mininterval=10)
-    for step in bar:
-        rng = np.random.default_rng([TRAIN_SEED_BASE + seed, step])  # disjoint from the benchmark's seeds
-        frames, captions, colour, shape = make_batch(rng, batch_size, size, patch)
-        x = to_pixels(frames, mean, std)
-        x = x + 0.02 / std * torch.randn_like(x)  # a little pixel noise: benchmark frames come through h264
-        img, tokens = _image_tower(model, x)
-        txt = model.encode_text(tokenizer(captions), normalize=True)
-        loss_clip = clip_loss(img, txt, model.logit_scale)
-        logits = head(tokens)  # [B, P, 7 + 5]
-        n_col = 1 + len(COLOURS)
-        loss_patch = F.cross_entropy(logits[..., :n_col].flatten(0, 1), colour.flatten()) + F.cross_entropy(
-            logits[..., n_col:].flatten(0, 1), shape.flatten())
-        loss = loss_clip + patch_loss * loss_patch
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == steps - 1:
-            bar.set_postfix(clip=f"{loss_clip.item():.3f}", patch=f"{loss_patch.item():.3f}",
-                            scale=f"{model.logit_scale.exp().item():.1f}")
-            log.info("step %d/%d clip %.4f patch %.4f scale %.1f lr %.2e %.2f s/step", step, steps, loss_clip.item(),
-                     loss_patch.item(), model.logit_scale.exp().item(), sched.get_last_lr()[0],
-                     (time.time() - start) / (step + 1 - first))
-        done = step + 1
-        if done % checkpoint_every == 0 and done < steps:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)  # --out's folder may not be there yet
-            save_checkpoint(ckpt, {"model": model.state_dict(), "head": head.state_dict(),
-                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": done,
-                                   "torch_rng": torch.get_rng_state(), "options": options})
-    path = save_weights(model.eval(), out)
-    for p in (ckpt, previous_checkpoint(ckpt)):  # the weights are whole: nothing is left to resume
-        p.unlink(missing_ok=True)
-    log.info("wrote %s (%.1f MB, %.1f min)", path, path.stat().st_size / 1e6, (time.time() - start) / 60)
-    return path
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        first = 0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            head.load_state_dict(state["head"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            first = state["step"]
+            log.info("resuming %s at step %d of %d", ckpt, first, steps)
+        model.train()
+        start = time.time()
+        bar = tqdm(range(first, steps), initial=first, total=steps, desc="pretrain", disable=not progress,
+                   mininterval=10)
+        for step in bar:
+            rng = np.random.default_rng([TRAIN_SEED_BASE + seed, step])  # disjoint from the benchmark's seeds
+            frames, captions, colour, shape = make_batch(rng, batch_size, size, patch)
+            x = to_pixels(frames, mean, std)
+            x = x + 0.02 / std * torch.randn_like(x)  # a little pixel noise: benchmark frames come through h264
+            img, tokens = _image_tower(model, x)
+            txt = model.encode_text(tokenizer(captions), normalize=True)
+            loss_clip = clip_loss(img, txt, model.logit_scale)
+            logits = head(tokens)  # [B, P, 7 + 5]
+            n_col = 1 + len(COLOURS)
+            loss_patch = F.cross_entropy(logits[..., :n_col].flatten(0, 1), colour.flatten()) + F.cross_entropy(
+                logits[..., n_col:].flatten(0, 1), shape.flatten())
+            loss = loss_clip + patch_loss * loss_patch
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if step % 50 == 0 or step == steps - 1:
+                bar.set_postfix(clip=f"{loss_clip.item():.3f}", patch=f"{loss_patch.item():.3f}",
+                                scale=f"{model.logit_scale.exp().item():.1f}")
+                log.info("step %d/%d clip %.4f patch %.4f scale %.1f lr %.2e %.2f s/step", step, steps,
+                         loss_clip.item(), loss_patch.item(), model.logit_scale.exp().item(), sched.get_last_lr()[0],
+                         (time.time() - start) / (step + 1 - first))
+            done = step + 1
+            if done % checkpoint_every == 0 and done < steps:
+                save_checkpoint(ckpt, {"model": model.state_dict(), "head": head.state_dict(),
+                                       "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": done,
+                                       "torch_rng": torch.get_rng_state(), "options": options})
+        path = save_weights(model.eval(), out)
+        for p in (ckpt, previous_checkpoint(ckpt)):  # the weights are whole: nothing is left to resume
+            p.unlink(missing_ok=True)
+        log.info("wrote %s (%.1f MB, %.1f min)", path, path.stat().st_size / 1e6, (time.time() - start) / 60)
+        return path
 
 
 # ----------------------------------------------------------------------------- probes

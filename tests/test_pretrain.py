@@ -3,6 +3,7 @@ a run killed or stopped with Ctrl-C resumes to the same bits."""
 
 from __future__ import annotations
 
+import fcntl
 import shlex
 
 import numpy as np
@@ -56,7 +57,18 @@ def test_short_run_writes_a_small_loadable_fp16_file(tmp_path):
     for bad, says in ((tmp_path, "is a folder; pass --out a file path"), (path / "w.safetensors", "is a file, not")):
         with pytest.raises(UserError, match=says):  # before the training it would lose (a traceback after it before)
             pretrain_tiny(bad, steps=10**6, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors", "w.safetensors.sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors", "w.safetensors.lock", "w.safetensors.sha256"]
+
+
+def test_one_pretraining_an_out(tmp_path):
+    out = tmp_path / "w.safetensors"
+    with open(tmp_path / "w.safetensors.lock", "w") as held:  # what a running pretrain-tiny holds for its whole run
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match=r"w.safetensors: another pretrain-tiny is writing these weights; wait for "
+                                            r"it to finish, or choose another --out"):
+            pretrain_tiny(out, steps=2, batch_size=8, checkpoint_every=1, progress=False)
+        assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors.lock"]  # refused before it wrote
+    assert pretrain_tiny(out, steps=2, batch_size=8, checkpoint_every=1, progress=False) == out
 
 
 def test_the_same_weights_always_make_the_same_file(tmp_path):
@@ -120,7 +132,8 @@ def test_resume_after_a_kill_gives_the_same_weights(killed, uninterrupted):
     pretrain_tiny(out, progress=False, resume=True, **RUN)
     for mine, theirs in ((out, uninterrupted), (_sidecar(out), _sidecar(uninterrupted))):
         assert mine.read_bytes() == theirs.read_bytes(), mine.name
-    assert sorted(p.name for p in out.parent.iterdir()) == ["w.safetensors", "w.safetensors.sha256"]  # checkpoints gone
+    kept = ["w.safetensors", "w.safetensors.lock", "w.safetensors.sha256"]
+    assert sorted(p.name for p in out.parent.iterdir()) == kept  # checkpoints gone
 
 
 def test_ctrl_c_says_where_the_checkpoint_is_and_the_command_that_continues_it(killed, uninterrupted):
