@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, cut
 from pipeline.files import file_sha256
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def _load_model(model_name: str, pretrained: str | None):
                 or _first_misfit(model_name, Path(pretrained))
             reason = type(e).__name__ + (f": {reason}" if reason != type(e).__name__ else "")
             sep = " " if reason.endswith(":") else "; "  # "...state_dict for CLIP:" runs on into its key
-            reason += f"{sep}{detail[:120]}{'...' if len(detail) > 120 else ''}" if detail else ""
+            reason += f"{sep}{cut(detail, 120)}" if detail else ""
             raise UserError(f"{pretrained}: not a checkpoint open_clip can load for {model_name} ({reason}); "
                             "pass a .pt/.safetensors checkpoint of that model or a --pretrained tag") from None
         raise WeightsNotLoaded(
