@@ -294,13 +294,16 @@ def make_synthetic_cmd(out, videos, seed, size, seconds, clutter, overwrite) -> 
               help="Average k x k neighbouring patches before the reranker reads them (1 when k does not divide the "
                    "grid or would leave 1 x 1). 1 keeps every patch: slower, and what colour-shape binding needs "
                    "(bench/binding.py).")
+@click.option("--score-weight", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True,
+              help="W of the final score, reranker logit + first-stage cosine / W: what validation ranks by (and so "
+                   "best.pt) and evaluate's default. Smaller trusts the first stage more.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)  # numpy seeds are non-negative
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Steps between checkpoints.")
 @click.option("--allow-partial", is_flag=True, help="Train on a cache whose extraction is unfinished.")
 @_friendly
 def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives, neighbour_negatives, batch_negatives,
-                   lr, temporal, spatial, share_attention, dim, queries, heads, layers, patch_pool, seed,
+                   lr, temporal, spatial, share_attention, dim, queries, heads, layers, patch_pool, score_weight, seed,
                    checkpoint_every, allow_partial) -> None:
     """Stage two: train the first stage and the reranker from cached tensors only."""
     from reranker.train import TrainConfig, default_run_path, train
@@ -325,8 +328,8 @@ def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives
                       epochs=epochs, batch_size=batch_size, hard_negatives=hard_negatives,
                       neighbour_negatives=neighbour_negatives, batch_negatives=batch_negatives, lr=lr, temporal=temporal,
                       spatial=spatial, share_attention=share_attention, dim=dim, n_queries=queries, heads=heads,
-                      layers=layers, patch_pool=patch_pool, seed=seed, checkpoint_every=checkpoint_every,
-                      allow_partial=allow_partial)
+                      layers=layers, patch_pool=patch_pool, score_weight=score_weight, seed=seed,
+                      checkpoint_every=checkpoint_every, allow_partial=allow_partial)
     try:
         path = train(cfg, resume=resume)
     except KeyboardInterrupt:
@@ -349,18 +352,22 @@ def train_reranker(cache, run, resume, split, epochs, batch_size, hard_negatives
 @click.option("--zero-shot", is_flag=True, help="Evaluate the untrained first stage (zero-shot CLIP).")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="The run's best.pt (by validation) or last.pt (the final epoch; JSON default eval_<split>_last.json).")
+@click.option("--score-weight", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="W of the final score, reranker logit + first-stage cosine / W, to weigh the two stages otherwise "
+                   "without training again [default: the run's, 0.05 unless trained with another; JSON default "
+                   "eval_<split>_w<W>.json].")
 @_friendly
-def evaluate(cache, run, split, top_k, out, save_sims, zero_shot, checkpoint) -> None:
+def evaluate(cache, run, split, top_k, out, save_sims, zero_shot, checkpoint, score_weight) -> None:
     """First-stage retrieval over a split, top-K re-scored by the reranker: R@1/5/10, MdR, MnR."""
     from reranker.evaluate import EvalConfig, run_evaluate
     from reranker.metrics import format_table
 
     cfg = EvalConfig(cache=_resolve_cache(cache, run), run=run, split=split, top_k=top_k, out=out, save_sims=save_sims,
-                     zero_shot=zero_shot, checkpoint=checkpoint)
+                     zero_shot=zero_shot, checkpoint=checkpoint, score_weight=score_weight)
     results, where = run_evaluate(cfg)
     stages = {k: results[k] for k in ("first_stage", "two_stage") if k in results}
     failed = f" ({results['n_videos_failed']} more failed extraction: left out)" if "n_videos_failed" in results else ""
-    k = f"top-K {results['top_k']}" if "top_k" in results else "zero-shot"
+    k = f"top-K {results['top_k']}, score weight {results['score_weight']:g}" if "top_k" in results else "zero-shot"
     click.echo(f"{results['split']}: {results['n_videos']} videos{failed}, {results['n_texts']} captions, {k}")
     click.echo(format_table(stages))
     click.echo("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in where["seconds"].items()))

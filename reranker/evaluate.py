@@ -73,9 +73,10 @@ def _encode_videos(model: CrossTVR, feats: SplitFeatures, videos: np.ndarray, de
 
 
 def rerank(model: CrossTVR, feats: SplitFeatures, first: np.ndarray, top_k: int, device: torch.device,
-           videos_are_queries: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-K candidates of every query, their final scores (reranker logit + first-stage cosine / weight) and the
-    reranker logits alone, each [queries, K]."""
+           videos_are_queries: bool = False, score_weight: float | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-K candidates of every query, their final scores (reranker logit + first-stage cosine / score_weight, the
+    model's own by default) and the reranker logits alone, each [queries, K]."""
     scores = first.T if videos_are_queries else first  # [queries, items]
     owner = feats.text_video  # each caption's video
 
@@ -88,7 +89,7 @@ def rerank(model: CrossTVR, feats: SplitFeatures, first: np.ndarray, top_k: int,
     query, item = np.repeat(np.arange(len(candidates)), top_k), candidates.reshape(-1)
     text_pos, video_pos = (item, query) if videos_are_queries else (query, item)
     logits = torch.from_numpy(_rerank_pairs(model, feats, text_pos, video_pos, device).astype(np.float64))
-    final = model.final_score(torch.from_numpy(scores[query, item].astype(np.float64)), logits)
+    final = model.final_score(torch.from_numpy(scores[query, item].astype(np.float64)), logits, score_weight)
     return candidates, final.numpy().reshape(candidates.shape), logits.numpy().reshape(candidates.shape)
 
 
@@ -113,9 +114,9 @@ def evaluate_split(model: CrossTVR, feats: SplitFeatures, top_k: int, device: to
 
 
 def _evaluate(model: CrossTVR, feats: SplitFeatures, top_k: int, device: torch.device, zero_shot: bool,
-              v2t: bool = True) -> Evaluation:
+              v2t: bool = True, score_weight: float | None = None) -> Evaluation:
     """top_k: the K asked for; each direction re-scores min(K, its candidates) (videos for a caption, captions
-    for a video)."""
+    for a video). score_weight: the final score's, the model's own by default."""
     model = model.to(device).eval()
     t0 = time.time()
     first = first_stage_sims(model, feats, device)
@@ -130,15 +131,18 @@ def _evaluate(model: CrossTVR, feats: SplitFeatures, top_k: int, device: torch.d
         results["top_k"] = min(top_k, n_videos)
         if v2t:
             results["top_k_v2t"] = min(top_k, feats.n_texts)
+        score_weight = model.config.score_weight if score_weight is None else score_weight
+        results["score_weight"] = score_weight
     results["first_stage"] = {"t2v": M.t2v_metrics(first, truth), "v2t": M.v2t_metrics(first, truth, n_videos)}
     two_t2v = two_v2t = None
     if not zero_shot:
         t0 = time.time()
-        cand, final, logits = rerank(model, feats, first, results["top_k"], device)
+        cand, final, logits = rerank(model, feats, first, results["top_k"], device, score_weight=score_weight)
         two_t2v = M.two_stage_scores(first, cand, final)
         results["two_stage"] = {"t2v": M.t2v_metrics(two_t2v, truth)}
         if v2t:
-            cand_v, final_v, _ = rerank(model, feats, first, results["top_k_v2t"], device, videos_are_queries=True)
+            cand_v, final_v, _ = rerank(model, feats, first, results["top_k_v2t"], device, videos_are_queries=True,
+                                        score_weight=score_weight)
             two_v2t = M.two_stage_scores(first.T, cand_v, final_v).T
             results["two_stage"]["v2t"] = M.v2t_metrics(two_v2t, truth, n_videos)
         seconds["two_stage"] = time.time() - t0
@@ -160,6 +164,7 @@ class EvalConfig:
     save_sims: Path | None = None
     zero_shot: bool = False
     checkpoint: str = "best"  # of the run: 'best' (best.pt) or 'last' (last.pt)
+    score_weight: float | None = None  # of the final score; the run's own when None
 
 
 SIMS = ("first_stage_sims.npy", "text_to_video.npy", "two_stage_sims.npy", "two_stage_v2t_sims.npy")
@@ -187,6 +192,8 @@ def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
     """Evaluate a run (or the zero-shot first stage) on a split; write the JSON, plot and matrices."""
     cache = FeatureCache(Path(cfg.cache))
     if cfg.zero_shot:
+        if cfg.score_weight is not None:
+            raise UserError("--score-weight weighs the first stage against the reranker; --zero-shot has no reranker")
         model = CrossTVR(model_config_for(cache, TrainConfig()))
     else:
         if cfg.run is None:
@@ -194,8 +201,11 @@ def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
         model, state = load_model(cfg.run, cfg.checkpoint)
         check_compatible(state["cache_signature"], cache, cfg.run)
     feats = SplitFeatures.open(cache, cfg.split)
-    # Each kind of evaluation of a run has a report of its own: a zero-shot or last.pt one never replaces best.pt's.
+    # Each kind of evaluation of a run has a report of its own: a zero-shot or last.pt one never replaces best.pt's,
+    # nor one of another score weight than the run's.
     suffix = "_zeroshot" if cfg.zero_shot else "_last" if cfg.checkpoint == "last" else ""
+    if cfg.score_weight not in (None, model.config.score_weight):
+        suffix += f"_w{cfg.score_weight:g}"
     name = f"eval_{cfg.split}{suffix}.json"
     out = Path(cfg.out) if cfg.out else (Path(cfg.run) if cfg.run else Path(cfg.cache).parent) / name
     check_output_path(out, "--out", folder=False)  # before the work, not after it
@@ -207,7 +217,7 @@ def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
     if feats.n_videos < cfg.top_k and not cfg.zero_shot:
         log.info("--top-k %d > %d videos in '%s': reranking all %d", cfg.top_k, feats.n_videos, cfg.split,
                  feats.n_videos)
-    ev = _evaluate(model, feats, cfg.top_k, default_device(), cfg.zero_shot)
+    ev = _evaluate(model, feats, cfg.top_k, default_device(), cfg.zero_shot, score_weight=cfg.score_weight)
     truth = feats.text_video
     if cfg.save_sims:
         _save_sims(Path(cfg.save_sims), ev, truth)

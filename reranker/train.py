@@ -58,6 +58,7 @@ class TrainConfig:
     n_queries: int = 4
     heads: int = 4
     layers: int = 1
+    score_weight: float = 0.05  # final score = logit + first-stage cosine / this: validation's, evaluate's default
     allow_partial: bool = False
 
 
@@ -75,7 +76,7 @@ def model_config_for(cache: FeatureCache, cfg: TrainConfig) -> ModelConfig:
             embed_dim=a["embed_dim"], patch_width=a["patch_width"], text_width=a["text_width"], frames=a["frames"],
             patches=a["num_patches"], patch_pool=cfg.patch_pool if grid % cfg.patch_pool == 0 and grid > cfg.patch_pool else 1,
             temporal=cfg.temporal, spatial=cfg.spatial, share_attention=cfg.share_attention,
-            dim=cfg.dim, n_queries=cfg.n_queries, heads=cfg.heads, layers=cfg.layers,
+            dim=cfg.dim, n_queries=cfg.n_queries, heads=cfg.heads, layers=cfg.layers, score_weight=cfg.score_weight,
         )
     except ValueError as e:  # e.g. --dim not divisible by --heads, --queries 0
         raise UserError(f"train-reranker options: {e}") from None

@@ -39,8 +39,8 @@ def test_json_schema_and_saved_matrices_reproduce_it(trained):
     saved = json.loads((tmp / "m.json").read_text())
     assert saved == results
     assert set(saved) == {"split", "n_videos", "n_texts", "top_k", "top_k_v2t", "first_stage", "two_stage",
-                          "rerank_logit_spread", "cache", "checkpoint"}
-    assert saved["checkpoint"] == "best.pt" and saved["top_k_v2t"] == 4
+                          "rerank_logit_spread", "cache", "checkpoint", "score_weight"}
+    assert saved["checkpoint"] == "best.pt" and saved["top_k_v2t"] == 4 and saved["score_weight"] == 0.05
     assert (saved["split"], saved["n_videos"], saved["n_texts"], saved["top_k"], saved["cache"]) == ("test", 10, 30, 4,
                                                                                                      str(cache))
     for stage in ("first_stage", "two_stage"):
@@ -218,7 +218,7 @@ def test_cli_prints_the_table(trained):
     assert "first_stage" in result.output and "two_stage" in result.output and "cli.png" in result.output
     wide = CliRunner().invoke(cli.main, ["evaluate", "--cache", str(cache), "--run", str(run), "--top-k", "50",
                                          "--out", str(tmp / "wide.json")])
-    assert wide.exit_code == 0 and "test: 10 videos, 30 captions, top-K 10" in wide.output, wide.output
+    assert wide.exit_code == 0 and "test: 10 videos, 30 captions, top-K 10, score weight 0.05" in wide.output, wide.output
     zero = CliRunner().invoke(cli.main, ["evaluate", "--cache", str(cache), "--run", str(run), "--top-k", "0"])
     assert zero.exit_code == 2 and "Invalid value for '--top-k'" in zero.output
 
@@ -239,6 +239,26 @@ def test_checkpoint_last_evaluates_last_pt_into_its_own_json(trained, monkeypatc
     assert saved["checkpoint"] == "last.pt" and saved["two_stage"] == expected["two_stage"]
     bad = CliRunner().invoke(cli.main, ["evaluate", "--run", str(run), "--checkpoint", "first"])
     assert bad.exit_code == 2 and "Invalid value for '--checkpoint'" in bad.output
+
+
+def test_score_weight_weighs_the_stages_into_a_report_of_its_own(trained):
+    _, cache, run = trained
+    base = ["evaluate", "--cache", str(cache), "--run", str(run), "--top-k", "4"]
+    default = CliRunner().invoke(cli.main, base)
+    assert default.exit_code == 0, default.output
+    own = json.loads((run / "eval_test.json").read_text())
+    # the cosine decides alone within the top 4: two-stage ranks are the first stage's
+    tiny = CliRunner().invoke(cli.main, base + ["--score-weight", "1e-9"])
+    assert tiny.exit_code == 0 and "score weight 1e-09" in tiny.output, tiny.output
+    saved = json.loads((run / "eval_test_w1e-09.json").read_text())  # beside eval_test.json, not over it
+    assert saved["score_weight"] == 1e-9 and saved["two_stage"] == saved["first_stage"] != own["two_stage"]
+    assert json.loads((run / "eval_test.json").read_text()) == own
+    same = CliRunner().invoke(cli.main, base + ["--score-weight", "0.05"])  # the run's own: its own report
+    assert same.exit_code == 0 and json.loads((run / "eval_test.json").read_text())["two_stage"] == own["two_stage"]
+    for flags, says in ((["--score-weight", "0"], "Invalid value for '--score-weight'"),
+                        (["--zero-shot", "--score-weight", "0.1"], "--zero-shot has no reranker")):
+        bad = CliRunner().invoke(cli.main, base + flags)
+        assert bad.exit_code == 2 and says in bad.output, bad.output
 
 
 def test_without_cache_the_cli_takes_the_runs_own(trained, tmp_path, monkeypatch):
@@ -355,15 +375,17 @@ def test_the_truth_loses_ties_at_the_top_k_cut_in_both_directions(trained, monke
     assert results["two_stage"] == {"t2v": worst, "v2t": worst}
 
 
+@pytest.mark.parametrize("score_weight", [None, 0.3], ids=["the run's weight", "another"])
 @pytest.mark.parametrize("videos_are_queries", [False, True], ids=["t2v", "v2t"])
-def test_candidates_are_ordered_by_logit_plus_cosine_over_the_weight(trained, videos_are_queries):
+def test_candidates_are_ordered_by_logit_plus_cosine_over_the_weight(trained, videos_are_queries, score_weight):
     from reranker.evaluate import _evaluate
 
     _, cache, run = trained
     device = default_device()
     model, _ = load_model(run)
     feats = SplitFeatures.open(FeatureCache(cache), "test")
-    ev = _evaluate(model.to(device), feats, 4, device, zero_shot=False)
+    ev = _evaluate(model.to(device), feats, 4, device, zero_shot=False, score_weight=score_weight)
+    assert ev.results["score_weight"] == (score_weight or 0.05)
     first, two = (ev.first.T, ev.two_stage_v2t.T) if videos_are_queries else (ev.first, ev.two_stage_t2v)
     candidates = np.stack([np.flatnonzero(row > 0) for row in two])  # re-scored items get the codes 1..K
     cosine = np.take_along_axis(first, candidates, axis=1).astype(np.float64)
@@ -373,7 +395,7 @@ def test_candidates_are_ordered_by_logit_plus_cosine_over_the_weight(trained, vi
     query = np.repeat(np.arange(len(two)), 4)
     text_pos, video_pos = (candidates.reshape(-1), query) if videos_are_queries else (query, candidates.reshape(-1))
     logits = _rerank_pairs(model, feats, text_pos, video_pos, device).astype(np.float64).reshape(-1, 4)
-    final = logits + cosine / model.config.score_weight
+    final = logits + cosine / (score_weight or model.config.score_weight)
     ranked = lambda scores: np.argsort(np.argsort(scores, axis=1), axis=1) + 1  # noqa: E731 - 1 for the lowest
     assert np.array_equal(np.take_along_axis(two, candidates, axis=1), ranked(final))
     assert not np.array_equal(ranked(final), ranked(logits))  # the cosine reorders some query's candidates

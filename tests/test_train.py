@@ -491,10 +491,12 @@ def test_reranker_size_options_reach_the_run_and_bad_ones_are_one_line(cache, tm
     base = ["train-reranker", "--cache", str(cache), "--epochs", "1", "--batch-size", "8", "--checkpoint-every", "4"]
     run = tmp_path / "sized"
     result = CliRunner().invoke(cli.main, base + ["--run", str(run), "--spatial", "attention", "--dim", "48",
-                                                  "--heads", "3", "--queries", "5", "--layers", "2"])
+                                                  "--heads", "3", "--queries", "5", "--layers", "2",
+                                                  "--score-weight", "0.2"])
     assert result.exit_code == 0, result.output
     saved = json.loads((run / "config.json").read_text())
     assert (saved["dim"], saved["heads"], saved["n_queries"], saved["layers"]) == (48, 3, 5, 2)
+    assert saved["score_weight"] == load_model(run)[0].config.score_weight == 0.2  # evaluate's default for the run
     model = load_model(run)[0].reranker
     assert model.queries.shape == (5, 48) and len(model.spatial_blocks) == len(model.temporal_blocks) == 2
     assert model.spatial_blocks[0].cross.heads == 3
@@ -513,6 +515,7 @@ def test_reranker_size_options_reach_the_run_and_bad_ones_are_one_line(cache, tm
                         (["--queries", "0"], "Invalid value for '--queries'"),
                         (["--seed", "-1"], "Invalid value for '--seed'"),  # a traceback from numpy before
                         (["--lr", "0"], "Invalid value for '--lr'"),  # trained without learning before
+                        (["--score-weight", "0"], "Invalid value for '--score-weight'"),
                         (["--hard-negatives", "-1"], "Invalid value for '--hard-negatives'")):
         bad = tmp_path / f"bad{flags[1]}"
         result = CliRunner().invoke(cli.main, base + ["--run", str(bad)] + flags)
