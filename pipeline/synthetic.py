@@ -68,7 +68,6 @@ CELLS = ("left", "right", "top", "bottom", "center")
 CELL_XY = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8), "center": (0.5, 0.5)}
 # Clutter only: corners are never described, and are 0.3 from the nearest cells like the cells from each other.
 CORNERS = {"top-left": (0.2, 0.2), "top-right": (0.8, 0.2), "bottom-left": (0.2, 0.8), "bottom-right": (0.8, 0.8)}
-MOTIONS = ("left", "right", "up", "down", "still")
 REVERSE = {"left": "right", "right": "left", "up": "down", "down": "up", "still": "still"}
 MIRROR = {"h": {"left": "right", "right": "left"}, "v": {"top": "bottom", "bottom": "top"}}
 # A moving object travels along a lane between 0.2 and 0.8 and blocks every cell it passes through.
