@@ -383,12 +383,15 @@ def evaluate(cache, run, split, top_k, out, save_sims, zero_shot, checkpoint, sc
               help="Candidates re-scored by the reranker.")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="The run's best.pt (by validation) or last.pt (the final epoch).")
+@click.option("--score-weight", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="W of the final score, reranker logit + first-stage cosine / W [default: the run's].")
 @_friendly
-def search(query, cache, run, top, top_k, checkpoint) -> None:
+def search(query, cache, run, top, top_k, checkpoint, score_weight) -> None:
     """Rank the cached videos for a text QUERY with both stages."""
     from reranker.search import search as run_search
 
-    hits = run_search(_resolve_cache(cache, run), run, query, top=top, top_k=top_k, checkpoint=checkpoint)
+    hits = run_search(_resolve_cache(cache, run), run, query, top=top, top_k=top_k, checkpoint=checkpoint,
+                      score_weight=score_weight)
     click.echo(f"{'rank':>4}  {'final':>8}  {'cosine':>7}  video")
     for rank, hit in enumerate(hits, 1):
         final = f"{hit.final:8.3f}" if hit.final is not None else f"{'-':>8}"

@@ -57,10 +57,10 @@ def query_encoder(cache: FeatureCache) -> FrozenEncoder:
 
 
 @torch.no_grad()
-def search(cache_path: Path, run: Path, query: str, top: int = 10, top_k: int = 15, checkpoint: str = "best"
-           ) -> list[Hit]:
+def search(cache_path: Path, run: Path, query: str, top: int = 10, top_k: int = 15, checkpoint: str = "best",
+           score_weight: float | None = None) -> list[Hit]:
     """Rank every extracted video of the cache for a text query: first stage, then top-K re-scored by the run's
-    best.pt or last.pt (checkpoint 'best' or 'last')."""
+    best.pt or last.pt (checkpoint 'best' or 'last'), with the final score's weight the run's unless given."""
     if not query.strip():
         raise UserError("search: the query is empty; pass the text to search for, e.g. \"a red circle moves left\"")
     cache = FeatureCache(cache_path)
@@ -84,7 +84,7 @@ def search(cache_path: Path, run: Path, query: str, top: int = 10, top_k: int = 
     with autocast(device):
         logits = model.reranker.score_candidates(tokens[0].to(device), int(lengths[0]), v.get("patch_tokens"),
                                                  v.get("cls_tokens"), v["frame_mask"]).float().cpu()
-    final = model.final_score(first[candidates].double(), logits.double()).numpy()
+    final = model.final_score(first[candidates].double(), logits.double(), score_weight).numpy()
     ranked = list(candidates[np.argsort(-final, kind="stable")])
     rest = np.argsort(-first.numpy(), kind="stable")
     reranked = set(candidates.tolist())

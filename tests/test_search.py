@@ -110,6 +110,19 @@ def test_weights_of_a_tag_that_do_not_load_give_a_fix_search_has(setup, tmp_path
                              "open_clip can download them or has them cached\n"), result.output
 
 
+def test_score_weight_weighs_the_cosine_in_the_final_score(setup):
+    cache, run, _ = setup
+    own, other = (search(cache, run, "clip number 3 with noise", top=4, top_k=4, score_weight=w) for w in (None, 0.3))
+    assert {h.video for h in own} == {h.video for h in other}  # the same top 4, re-scored
+    cosine, final = {h.video: h.first_stage for h in own}, {h.video: h.final for h in own}
+    for h in other:  # the same logit plus the cosine over 0.3 instead of over the run's 0.05
+        assert h.final == pytest.approx(final[h.video] + cosine[h.video] * (1 / 0.3 - 1 / 0.05), abs=1e-5)
+    flag = CliRunner().invoke(cli.main, ["search", "clip number 3 with noise", "--cache", str(cache), "--run", str(run),
+                                         "--top", "4", "--top-k", "4", "--score-weight", "0.3"])
+    assert flag.exit_code == 0, flag.output
+    assert [line.split()[1] for line in flag.output.splitlines()[1:]] == [f"{h.final:.3f}" for h in other]
+
+
 def test_checkpoint_last_searches_with_last_pt(setup):
     cache, run, _ = setup
     args = ["search", "clip number 3", "--cache", str(cache), "--run", str(run), "--top", "3"]
