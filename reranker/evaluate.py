@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline.cache import FeatureCache
 from pipeline.encoder import autocast, default_device
@@ -33,8 +34,9 @@ def first_stage_sims(model: CrossTVR, feats: SplitFeatures, device: torch.device
 
 @torch.no_grad()
 def _rerank_pairs(model: CrossTVR, feats: SplitFeatures, text_pos: np.ndarray, video_pos: np.ndarray,
-                  device: torch.device, videos_per_block: int = 256, pairs_per_batch: int = 512) -> np.ndarray:
-    """Reranker logits of (caption, video) pairs [P], float32.
+                  device: torch.device, videos_per_block: int = 256, pairs_per_batch: int = 512,
+                  progress: str | None = None) -> np.ndarray:
+    """Reranker logits of (caption, video) pairs [P], float32; a progress bar of the pairs named `progress`, if given.
 
     Videos go in blocks: a block's videos are read and encoded (encode_frames) once, then every pair whose
     video is in the block is scored, pairs_per_batch at a time, its captions read and encoded per batch
@@ -44,19 +46,21 @@ def _rerank_pairs(model: CrossTVR, feats: SplitFeatures, text_pos: np.ndarray, v
     r = model.reranker
     logits = np.empty(len(text_pos), dtype=np.float32)
     videos = np.unique(video_pos)
-    for lo in range(0, len(videos), videos_per_block):
-        block = videos[lo: lo + videos_per_block]
-        frames, frame_mask = _encode_videos(model, feats, block, device)
-        pairs = np.flatnonzero(np.isin(video_pos, block))
-        rows = torch.from_numpy(np.searchsorted(block, video_pos[pairs])).to(device)  # each pair's video in the block
-        for b in range(0, len(pairs), pairs_per_batch):
-            batch = pairs[b: b + pairs_per_batch]
-            texts, t_inv = np.unique(text_pos[batch], return_inverse=True)
-            t = to_device(feats.read_texts(texts, RERANKER_TEXT_ARRAYS), device)
-            ti, vi = torch.from_numpy(t_inv).to(device), rows[b: b + pairs_per_batch]
-            with autocast(device):
-                queries, qmask = r.encode_queries(t["text_tokens"], t["text_lengths"])
-                logits[batch] = r.match(queries[ti], qmask[ti], frames[vi], frame_mask[vi]).float().cpu().numpy()
+    with tqdm(total=len(text_pos), desc=progress, unit="pair", disable=progress is None, mininterval=1) as bar:
+        for lo in range(0, len(videos), videos_per_block):
+            block = videos[lo: lo + videos_per_block]
+            frames, frame_mask = _encode_videos(model, feats, block, device)
+            pairs = np.flatnonzero(np.isin(video_pos, block))
+            rows = torch.from_numpy(np.searchsorted(block, video_pos[pairs])).to(device)  # each pair's video in block
+            for b in range(0, len(pairs), pairs_per_batch):
+                batch = pairs[b: b + pairs_per_batch]
+                texts, t_inv = np.unique(text_pos[batch], return_inverse=True)
+                t = to_device(feats.read_texts(texts, RERANKER_TEXT_ARRAYS), device)
+                ti, vi = torch.from_numpy(t_inv).to(device), rows[b: b + pairs_per_batch]
+                with autocast(device):
+                    queries, qmask = r.encode_queries(t["text_tokens"], t["text_lengths"])
+                    logits[batch] = r.match(queries[ti], qmask[ti], frames[vi], frame_mask[vi]).float().cpu().numpy()
+                bar.update(len(batch))
     return logits
 
 
@@ -73,10 +77,10 @@ def _encode_videos(model: CrossTVR, feats: SplitFeatures, videos: np.ndarray, de
 
 
 def rerank(model: CrossTVR, feats: SplitFeatures, first: np.ndarray, top_k: int, device: torch.device,
-           videos_are_queries: bool = False, score_weight: float | None = None
+           videos_are_queries: bool = False, score_weight: float | None = None, progress: bool = False
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-K candidates of every query, their final scores (reranker logit + first-stage cosine / score_weight, the
-    model's own by default) and the reranker logits alone, each [queries, K]."""
+    model's own by default) and the reranker logits alone, each [queries, K]; `progress` shows a bar of the pairs."""
     scores = first.T if videos_are_queries else first  # [queries, items]
     owner = feats.text_video  # each caption's video
 
@@ -88,7 +92,8 @@ def rerank(model: CrossTVR, feats: SplitFeatures, first: np.ndarray, top_k: int,
     candidates = M.topk_candidates(scores, top_k, loses_ties=truth)
     query, item = np.repeat(np.arange(len(candidates)), top_k), candidates.reshape(-1)
     text_pos, video_pos = (item, query) if videos_are_queries else (query, item)
-    logits = torch.from_numpy(_rerank_pairs(model, feats, text_pos, video_pos, device).astype(np.float64))
+    bar = ("rerank v2t" if videos_are_queries else "rerank t2v") if progress else None
+    logits = torch.from_numpy(_rerank_pairs(model, feats, text_pos, video_pos, device, progress=bar).astype(np.float64))
     final = model.final_score(torch.from_numpy(scores[query, item].astype(np.float64)), logits, score_weight)
     return candidates, final.numpy().reshape(candidates.shape), logits.numpy().reshape(candidates.shape)
 
@@ -114,9 +119,9 @@ def evaluate_split(model: CrossTVR, feats: SplitFeatures, top_k: int, device: to
 
 
 def _evaluate(model: CrossTVR, feats: SplitFeatures, top_k: int, device: torch.device, zero_shot: bool,
-              v2t: bool = True, score_weight: float | None = None) -> Evaluation:
+              v2t: bool = True, score_weight: float | None = None, progress: bool = False) -> Evaluation:
     """top_k: the K asked for; each direction re-scores min(K, its candidates) (videos for a caption, captions
-    for a video). score_weight: the final score's, the model's own by default."""
+    for a video). score_weight: the final score's, the model's own by default. progress: a bar per direction."""
     model = model.to(device).eval()
     t0 = time.time()
     first = first_stage_sims(model, feats, device)
@@ -137,12 +142,13 @@ def _evaluate(model: CrossTVR, feats: SplitFeatures, top_k: int, device: torch.d
     two_t2v = two_v2t = None
     if not zero_shot:
         t0 = time.time()
-        cand, final, logits = rerank(model, feats, first, results["top_k"], device, score_weight=score_weight)
+        cand, final, logits = rerank(model, feats, first, results["top_k"], device, score_weight=score_weight,
+                                     progress=progress)
         two_t2v = M.two_stage_scores(first, cand, final)
         results["two_stage"] = {"t2v": M.t2v_metrics(two_t2v, truth)}
         if v2t:
             cand_v, final_v, _ = rerank(model, feats, first, results["top_k_v2t"], device, videos_are_queries=True,
-                                        score_weight=score_weight)
+                                        score_weight=score_weight, progress=progress)
             two_v2t = M.two_stage_scores(first.T, cand_v, final_v).T
             results["two_stage"]["v2t"] = M.v2t_metrics(two_v2t, truth, n_videos)
         seconds["two_stage"] = time.time() - t0
@@ -188,8 +194,9 @@ def _save_sims(folder: Path, ev, truth: np.ndarray) -> None:
         _atomic_save(folder / name, array)
 
 
-def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
-    """Evaluate a run (or the zero-shot first stage) on a split; write the JSON, plot and matrices."""
+def run_evaluate(cfg: EvalConfig, progress: bool = True) -> tuple[dict, dict]:
+    """Evaluate a run (or the zero-shot first stage) on a split; write the JSON, plot and matrices. progress: a bar
+    of the pairs the reranker scores, per direction."""
     cache = FeatureCache(Path(cfg.cache))
     if cfg.zero_shot:
         if cfg.score_weight is not None:
@@ -217,7 +224,8 @@ def run_evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
     if feats.n_videos < cfg.top_k and not cfg.zero_shot:
         log.info("--top-k %d > %d videos in '%s': reranking all %d", cfg.top_k, feats.n_videos, cfg.split,
                  feats.n_videos)
-    ev = _evaluate(model, feats, cfg.top_k, default_device(), cfg.zero_shot, score_weight=cfg.score_weight)
+    ev = _evaluate(model, feats, cfg.top_k, default_device(), cfg.zero_shot, score_weight=cfg.score_weight,
+                   progress=progress)
     truth = feats.text_video
     if cfg.save_sims:
         _save_sims(Path(cfg.save_sims), ev, truth)

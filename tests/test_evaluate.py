@@ -73,6 +73,16 @@ def test_json_schema_and_saved_matrices_reproduce_it(trained):
     assert set(where["seconds"]) == {"first_stage", "two_stage"}
 
 
+def test_evaluation_shows_the_pairs_it_reranks_and_validation_does_not(trained, capsys):
+    tmp, cache, run = trained
+    run_evaluate(EvalConfig(cache=cache, run=run, top_k=4, out=tmp / "bars.json"))
+    bars = capsys.readouterr().err
+    # every caption's 4 candidates, then every video's 4: long on a real split (MSVD test: 27,763 captions)
+    assert "rerank t2v: 100%" in bars and "120/120" in bars and "rerank v2t: 100%" in bars and "40/40" in bars
+    evaluate_split(load_model(run)[0], SplitFeatures.open(FeatureCache(cache), "test"), 4)  # inside training's bar
+    assert "rerank" not in capsys.readouterr().err
+
+
 def test_validation_leaves_out_only_the_two_stage_v2t(trained):
     _, cache, run = trained
     model, _ = load_model(run)
