@@ -191,7 +191,7 @@ def info(cache, as_json, verify) -> None:
     """Videos done/total, captions, shapes, model, splits, failures and size of a cache."""
     from pipeline.cache import FeatureCache
 
-    facts = FeatureCache(_resolve_cache(cache)).describe(verify=verify)
+    facts = FeatureCache(_resolve_cache(cache)).describe(verify=verify, progress=True)
     damaged = facts.get("damaged", [])
     if as_json:
         click.echo(json.dumps(facts, indent=2))

@@ -37,6 +37,7 @@ from typing import Iterator
 
 import numpy as np
 import zarr
+from tqdm import tqdm
 from zarr.storage import LocalStore
 
 from pipeline import __version__
@@ -535,8 +536,9 @@ class FeatureCache:
         return lo, min(lo + self.text_chunk, self.n_texts)
 
     # -- damage -------------------------------------------------------------------------------
-    def verify(self) -> list[dict]:
-        """Read back every finished video and caption chunk; list those with a missing or undecodable chunk.
+    def verify(self, progress: bool = False) -> list[dict]:
+        """Read back every finished video and caption chunk (a progress bar of each, if `progress`); list those with a
+        missing or undecodable chunk.
 
         Each entry is {"video": id, "index": i, "reason": ...} or {"text_chunk": c, "captions": [lo, hi],
         "reason": ...}; or, alone, {"records": RECORD_ARRAYS, "reason": ...} when those no longer hold the
@@ -548,7 +550,8 @@ class FeatureCache:
         damaged: list[dict] = []
         ids = self.video_ids()
         status, bad_status = self._read_rows("video_status")
-        for i in np.flatnonzero(status != PENDING).tolist() + bad_status:
+        for i in tqdm(np.flatnonzero(status != PENDING).tolist() + bad_status, desc="verify videos", unit="video",
+                      disable=not progress, mininterval=1):
             if i in bad_status:
                 reason = "video_status chunk unreadable"
             else:
@@ -556,7 +559,8 @@ class FeatureCache:
             if reason:
                 damaged.append({"video": str(ids[i]), "index": int(i), "reason": reason})
         chunks, bad_chunks = self._read_rows("text_chunk_status")
-        for c in np.flatnonzero(chunks == DONE).tolist() + bad_chunks:
+        for c in tqdm(np.flatnonzero(chunks == DONE).tolist() + bad_chunks, desc="verify captions", unit="chunk",
+                      disable=not progress, mininterval=1):
             if c in bad_chunks:
                 reason = "text_chunk_status chunk unreadable"
             else:
@@ -614,8 +618,9 @@ class FeatureCache:
         """Bytes on disk under the cache folder."""
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
-    def describe(self, verify: bool = False) -> dict:
-        """The facts `cli.py info` reports (JSON-serialisable); verify=True adds `damaged` (reads every chunk)."""
+    def describe(self, verify: bool = False, progress: bool = False) -> dict:
+        """The facts `cli.py info` reports (JSON-serialisable); verify=True adds `damaged` (reads every chunk, with
+        progress bars if `progress`)."""
         status = self.video_status()
         split = self.video_split()
         text_split = split[self.text_video()] if self.n_texts else np.array([], dtype=object)
@@ -642,5 +647,5 @@ class FeatureCache:
                        for name in sorted(set(split.tolist()))},
             "arrays": shapes,
             "bytes": self.size_bytes(),
-            **({"damaged": self.verify()} if verify else {}),
+            **({"damaged": self.verify(progress)} if verify else {}),
         }

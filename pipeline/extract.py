@@ -141,7 +141,7 @@ def _run_extract(cfg: ExtractConfig, path: Path, records: list[VideoRecord], enc
         cache = FeatureCache.open_or_create(path, spec, records, lengths, int(truncated.sum()), overwrite=cfg.overwrite)
         log.info("cache %s (model %s, weights %s, shard %d/%d)", path, info.model, info.pretrained or "RANDOM",
                  shard_index, shard_count)
-        repaired = _repair(cache, records, lengths) if cfg.repair else []
+        repaired = _repair(cache, records, lengths, cfg.progress) if cfg.repair else []
         _encode_captions(cache, encoder, captions, shard_index, shard_count, cfg.progress)
         _encode_videos(cache, encoder, records, cfg, shard_index, shard_count)
     except OSError as e:
@@ -155,15 +155,15 @@ def _run_extract(cfg: ExtractConfig, path: Path, records: list[VideoRecord], enc
                           texts=cache.n_texts, texts_done=cache.texts_done(), failed=cache.failures(), repaired=repaired)
 
 
-def _repair(cache: FeatureCache, records: list, lengths: np.ndarray) -> list[dict]:
+def _repair(cache: FeatureCache, records: list, lengths: np.ndarray, progress: bool) -> list[dict]:
     """Find damaged finished videos and caption chunks and set them pending: the normal run then redoes exactly those.
     Arrays written from the annotations (ids, captions, ...) that no longer hold them are written again first."""
-    damaged = cache.verify()
+    damaged = cache.verify(progress)
     if damaged and "records" in damaged[0]:
         log.warning("%s: %s; writing %s again from the annotations", cache.path, damaged[0]["reason"],
                     ", ".join(damaged[0]["records"]))
         cache.write_records(records, lengths)
-        damaged += cache.verify()
+        damaged += cache.verify(progress)
     for entry in damaged:
         if "records" not in entry:
             log.warning("%s: %s damaged (%s); redoing it", cache.path,

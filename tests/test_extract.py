@@ -166,7 +166,7 @@ def test_crash_then_resume_equals_uninterrupted_run(extracted, tiny_dataset, tmp
         np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
 
 
-def test_undecodable_videos_are_recorded_and_the_run_goes_on(tiny_dataset, tmp_path):
+def test_undecodable_videos_are_recorded_and_the_run_goes_on(tiny_dataset, tmp_path, capsys):
     (tiny_dataset / "videos" / "not a video é.mp4").write_text("hello\n" * 50)
     (tiny_dataset / "videos" / "empty.mp4").write_bytes(b"")
     os.mkfifo(tiny_dataset / "videos" / "pipe.mp4")  # reading it (to hash or decode) would wait forever
@@ -197,6 +197,11 @@ def test_undecodable_videos_are_recorded_and_the_run_goes_on(tiny_dataset, tmp_p
     (tiny_dataset / "videos" / "gone.mp4").write_bytes(first.read_bytes())  # the missing video turns up
     run_extract(_cfg(tiny_dataset, tmp_path / "c.zarr"))  # failed videos are tried again
     assert cache.video_status()[gone] == DONE and cache.verify() == []
+    capsys.readouterr()
+    assert cache.verify(progress=True) == []  # read back: long on a real cache (MSR-VTT: 8 GB of patch tokens)
+    bars = capsys.readouterr().err
+    assert "verify videos: 100%" in bars and f"{cache.n_videos}/{cache.n_videos}" in bars
+    assert "verify captions: 100%" in bars and f"{cache.n_text_chunks}/{cache.n_text_chunks}" in bars
     assert "videos/gone.mp4" not in {f["video"] for f in cache.failures()} and cache["frame_mask"][gone].all()
 
 

@@ -37,7 +37,8 @@ def test_damaged_chunk_is_found_and_only_its_video_redone(fault_data, reference,
 
     result = _info(copy, "--verify", "--json")
     assert result.exit_code == 1
-    damaged = json.loads(result.output)["damaged"]
+    damaged = json.loads(result.stdout)["damaged"]  # the progress bars go to stderr
+    assert "verify videos: 100%" in result.stderr
     assert [d.get("video") for d in damaged] == ["videos/clip2.mp4", None]
     assert damaged[1]["text_chunk"] == 0 and "text_embeds" in damaged[1]["reason"]
     text = _info(copy, "--verify").output
