@@ -94,6 +94,11 @@ def _demux(path: Path, decode: bool = False) -> Timeline:
     # of others and pulled a constant-frame-rate clip off its sample points.
     by_dts = any(pts == _NOPTS for _, pts, _ in packets)
     timed = sorted((dts if by_dts else pts, duration) for dts, pts, duration in packets)
+    if len({t for t, _ in timed}) < len(timed):
+        # Frames that share a time: the muxer packed several small frames under one timestamp (MPEG-PS) and the rest
+        # were guessed, several at one time and then a gap. Such times are no clock: the frames are taken as evenly
+        # spaced, which the video of such streams is (MPEG-1/2 have no variable frame rate).
+        return Timeline(list(range(len(timed))), 1, hdr)
     return Timeline([t for t, _ in timed], max(timed[-1][1], 0) if timed else 0, hdr)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 
 import ffmpeg
 import numpy as np
@@ -97,11 +98,13 @@ def test_decode_samples_the_right_frames(tmp_path):
 
 
 def test_mpeg_program_stream_with_some_timestamps_missing_is_sampled_at_segment_centres(tmp_path):
-    # MPEG-PS stamps a presentation time on only some packets; with B-frames the rest came in at their decoding times
-    # (at 64 x 48 the muxer packs several frames under one timestamp, which nothing can undo: 128 x 96 here)
-    path = write_video(tmp_path / "clip.mpg", index_frames(60, 96, 128), fps=30, vcodec="mpeg2video",
-                       pix_fmt="yuv420p", qp=None, bf=2, **{"q:v": 2})
-    assert decoded_indices(decode_video(path, n_frames=12, size=16).frames) == list(range(2, 60, 5))
+    # MPEG-PS stamps a presentation time on only some packets; with B-frames the rest came in at their decoding times.
+    # At 64 x 48 the frames are so small that the muxer packs several under one timestamp, and the demuxer's guesses
+    # put three frames at one time and then leave a gap of two: those frames went to the wrong segments.
+    for h, w in ((96, 128), (48, 64)):
+        path = write_video(tmp_path / f"clip{w}.mpg", index_frames(60, h, w), fps=30, vcodec="mpeg2video",
+                           pix_fmt="yuv420p", qp=None, bf=2, **{"q:v": 2})
+        assert decoded_indices(decode_video(path, n_frames=12, size=16).frames) == list(range(2, 60, 5)), (h, w)
 
 
 def test_short_video_is_padded_with_mask_not_duplicated(tmp_path):
@@ -241,6 +244,65 @@ def test_cover_art_is_not_taken_for_the_video(tmp_path):
     ffmpeg.output(a, b, str(song), c="copy", loglevel="error", **{"disposition:v:0": "attached_pic"}).run(cmd=exe)
     with pytest.raises(DecodeError, match="no video stream"):  # an audio file with album art: one still, no video
         decode_video(song, 4, 16)
+
+
+def encoders(exe: str) -> set[str]:
+    """The names of the video encoders this ffmpeg build has."""
+    listing = subprocess.run([exe, "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
+    return {line.split()[1] for line in listing.splitlines() if line.strip().startswith("V") and len(line.split()) > 1}
+
+
+# What cameras, phones, editors and the web store video as; each lossy, each with its own frame reordering
+CODECS = {
+    "av1.mkv": {"vcodec": "libsvtav1", "pix_fmt": "yuv420p", "preset": 12},
+    "vp9.webm": {"vcodec": "libvpx-vp9", "pix_fmt": "yuv420p", "deadline": "realtime", "cpu-used": 8},
+    "hevc-10bit.mp4": {"vcodec": "libx265", "pix_fmt": "yuv420p10le", "preset": "ultrafast",
+                       "x265-params": "log-level=error"},
+    "interlaced.mp4": {"vcodec": "libx264", "pix_fmt": "yuv420p", "vf": "tinterlace=interleave_top,fieldorder=tff",
+                       "flags": "+ilme+ildct"},
+    "mpeg2.mpg": {"vcodec": "mpeg2video", "pix_fmt": "yuv420p", "bf": 2, "q:v": 2},
+    "prores.mov": {"vcodec": "prores_ks", "pix_fmt": "yuv422p10le"},
+    "mjpeg.avi": {"vcodec": "mjpeg", "pix_fmt": "yuvj420p", "q:v": 2},
+}
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_common_codecs_give_the_frames_of_the_same_times(tmp_path, name):
+    options = {"qp": None, **CODECS[name]}
+    if options["vcodec"] not in encoders(ffmpeg_exe()):
+        pytest.skip(f"this ffmpeg cannot encode {options['vcodec']}")
+    if name.startswith("interlaced"):
+        # two frames woven into one interlaced frame (one per field): 60 frames at 50 fps become 30 at 25
+        frames, shown = np.repeat(index_frames(30), 2, axis=0), index_frames(30)
+        path = write_video(tmp_path / name, frames, fps=50, **options)
+    else:
+        shown = index_frames(30)
+        path = write_video(tmp_path / name, shown, fps=25, **options)
+    out = decode_video(path, n_frames=6, size=32)
+    assert out.mask.all()
+    assert decoded_indices(out.frames) == [int((i + 0.5) * 30 / 6) for i in range(6)]  # 2, 7, ..., 27
+    colours = shown[[2, 7, 12, 17, 22, 27], :1, :1].astype(int)  # each frame is one colour
+    assert np.abs(out.frames.astype(int) - colours).max() <= 12  # every pixel, not only the mean that gave the index
+
+
+@pytest.mark.parametrize("degrees, turns", [(90, 1), (180, 2), (270, 3)])
+def test_rotation_metadata_is_applied_as_players_show_it(tmp_path, degrees, turns):
+    # four coloured quadrants, stored unrotated with a display matrix saying "turn it": a phone's portrait clip
+    frame = np.zeros((48, 48, 3), dtype=np.uint8)
+    frame[:24, :24] = (255, 0, 0)
+    frame[:24, 24:] = (0, 255, 0)
+    frame[24:, :24] = (0, 0, 255)
+    frame[24:, 24:] = (255, 255, 255)
+    src = write_video(tmp_path / "src.mp4", np.stack([frame] * 4))
+    rotated = tmp_path / f"rot{degrees}.mp4"
+    proc = subprocess.run([ffmpeg_exe(), "-loglevel", "error", "-display_rotation", str(degrees), "-i", str(src),
+                           "-c", "copy", str(rotated)], capture_output=True, text=True)
+    if proc.returncode:  # older ffmpeg releases have no -display_rotation
+        pytest.skip(f"this ffmpeg cannot write a display matrix: {proc.stderr.strip()[-80:]}")
+    out = decode_video(rotated, n_frames=1, size=16)
+    shown = np.rot90(frame, turns)  # counter-clockwise, as the display matrix's angle goes
+    quadrants = out.frames[0, [4, 4, 12, 12], [4, 12, 4, 12]].astype(int)  # the centres of the four quadrants
+    assert np.abs(quadrants - shown[[12, 12, 36, 36], [12, 36, 12, 36]]).max() < 20, quadrants
 
 
 @pytest.mark.parametrize(
