@@ -410,6 +410,24 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         return _train(cfg, resume, progress, held)
 
 
+def _resumed_config(run: Path, cache: str) -> TrainConfig:
+    """The options run started with, to resume it; cache (--cache) may name its cache where the recorded path is not."""
+    if not (run / "config.json").is_file():
+        raise UserError(f"{run}: nothing to resume (no config.json); start it without --resume")
+    if kept_checkpoint(run / "last.pt") is None:
+        raise UserError(f"{run}: nothing to resume yet (killed before its first checkpoint); run the same command "
+                        "without --resume to start it again")
+    saved = run_config(run)
+    saved.setdefault("batch_negatives", 0)  # a run started before the option trained without them
+    if not cache:
+        recorded_cache(run, saved)
+    elif Path(saved["cache"]).exists() and Path(cache).resolve() != Path(saved["cache"]).resolve():
+        raise UserError(f"{run}: the run trains on {saved['cache']}, not {cache}; drop --cache or start a new --run")
+    else:  # its own cache, or the one named where the recorded path is not (relative to another folder, moved):
+        saved["cache"] = cache  # its features and split are checked against the checkpoint's
+    return TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
+
+
 def _train(cfg: TrainConfig, resume: bool, progress: bool, held: ExitStack) -> Path:
     """train's work; `held` keeps the run folder's lock until it returns."""
     from reranker.evaluate import evaluate_split
@@ -419,20 +437,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, held: ExitStack) -> P
     run = Path(cfg.run) if cfg.run else default_run_path()
     check_output_path(run, "--run", folder=True)
     if resume:
-        if not (run / "config.json").is_file():
-            raise UserError(f"{run}: nothing to resume (no config.json); start it without --resume")
-        if kept_checkpoint(run / "last.pt") is None:
-            raise UserError(f"{run}: nothing to resume yet (killed before its first checkpoint); run the same command "
-                            "without --resume to start it again")
-        saved = run_config(run)
-        saved.setdefault("batch_negatives", 0)  # a run started before the option trained without them
-        if not cfg.cache:
-            recorded_cache(run, saved)
-        elif Path(saved["cache"]).exists() and Path(cfg.cache).resolve() != Path(saved["cache"]).resolve():
-            raise UserError(f"{run}: the run trains on {saved['cache']}, not {cfg.cache}; drop --cache or start a new --run")
-        else:  # its own cache, or the one named where the recorded path is not (relative to another folder, moved):
-            saved["cache"] = cfg.cache  # its features and split are checked against the checkpoint's below
-        cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
+        cfg = _resumed_config(run, cfg.cache)
     elif kept_checkpoint(run / "last.pt") is not None:
         raise UserError(f"{run}: a run is already there; pass --resume to continue it or another --run")
     else:
