@@ -42,8 +42,18 @@ def source_time_base_option(exe: str) -> dict[str, str]:
     return {"enc_time_base": "-1" if old and old < (7, 0) else "demux"}
 
 
-@functools.lru_cache(maxsize=None)
 def has_filter(exe: str, name: str) -> bool:
     """Whether this ffmpeg build has the filter (zscale needs libzimg, which not every build links)."""
-    listing = subprocess.run([exe, "-hide_banner", "-filters"], capture_output=True, text=True).stdout
-    return any(line.split()[1:2] == [name] for line in listing.splitlines())
+    return name in _listed(exe, "-filters")
+
+
+def has_encoder(exe: str, name: str) -> bool:
+    """Whether this ffmpeg build has the encoder (libsvtav1, libx265, ...: each an optional library)."""
+    return name in _listed(exe, "-encoders")
+
+
+@functools.lru_cache(maxsize=None)
+def _listed(exe: str, listing: str) -> frozenset[str]:
+    """The names in one of ffmpeg's listings (-filters, -encoders): each row is flags, then the name."""
+    rows = subprocess.run([exe, "-hide_banner", listing], capture_output=True, text=True).stdout.splitlines()
+    return frozenset(row.split()[1] for row in rows if len(row.split()) > 1)

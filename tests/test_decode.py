@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.decode import DecodeError, decode_video, frame_times, sample_indices
-from pipeline.ffmpeg import ffmpeg_exe, has_filter, passthrough_option, source_time_base_option
+from pipeline.ffmpeg import ffmpeg_exe, has_encoder, has_filter, passthrough_option, source_time_base_option
 from tests.conftest import level_frames, write_video
 
 
@@ -246,12 +246,6 @@ def test_cover_art_is_not_taken_for_the_video(tmp_path):
         decode_video(song, 4, 16)
 
 
-def encoders(exe: str) -> set[str]:
-    """The names of the video encoders this ffmpeg build has."""
-    listing = subprocess.run([exe, "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
-    return {line.split()[1] for line in listing.splitlines() if line.strip().startswith("V") and len(line.split()) > 1}
-
-
 # What cameras, phones, editors and the web store video as; each lossy, each with its own frame reordering
 CODECS = {
     "av1.mkv": {"vcodec": "libsvtav1", "pix_fmt": "yuv420p", "preset": 12},
@@ -269,7 +263,7 @@ CODECS = {
 @pytest.mark.parametrize("name", CODECS)
 def test_common_codecs_give_the_frames_of_the_same_times(tmp_path, name):
     options = {"qp": None, **CODECS[name]}
-    if options["vcodec"] not in encoders(ffmpeg_exe()):
+    if not has_encoder(ffmpeg_exe(), options["vcodec"]):
         pytest.skip(f"this ffmpeg cannot encode {options['vcodec']}")
     if name.startswith("interlaced"):
         # two frames woven into one interlaced frame (one per field): 60 frames at 50 fps become 30 at 25
